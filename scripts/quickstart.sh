@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One-command setup + run on a fresh machine (README quickstart):
+#   bash scripts/quickstart.sh train [tntkernels-train args...]   train the default TNT on real digits
+#   bash scripts/quickstart.sh test  [pytest args...]             run the test suite
+# Creates .venv (Python >= 3.11), installs torch and the dependencies, builds tntkernels._C with
+# --no-build-isolation (C++ CPU ops, plus the CUDA kernels wherever nvcc is on PATH, GPU or not),
+# then runs the job. Re-running reuses .venv and rebuilds only when csrc/ or setup.py changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode="${1:-}"; shift || true
+case "$mode" in train|test|setup) ;; *) echo "usage: bash scripts/quickstart.sh train|test|setup [args...]" >&2; exit 2;; esac
+
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -c 'import sys; assert sys.version_info >= (3, 11), "tntkernels needs Python >= 3.11"'
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+if ! python -c "import torch" 2>/dev/null; then
+  echo "== installing torch (${TORCH_SPEC:-torch>=2.6}) and dependencies"
+  python -m pip install -q --upgrade pip setuptools wheel
+  python -m pip install -q "${TORCH_SPEC:-torch>=2.6}"
+fi
+python -m pip install -q numpy ninja pybind11 tqdm scikit-learn pillow pytest hypothesis "timm>=1.0" expecttest matplotlib build
+
+stamp=".venv/.tntkernels-build-$(cat setup.py pyproject.toml csrc/*.cpp csrc/*.h csrc/*/* 2>/dev/null | sha1sum | cut -c1-16)"
+if [ ! -f "$stamp" ] || ! python -c "import tntkernels._C" 2>/dev/null; then
+  echo "== building tntkernels._C (log: .venv/build.log)"
+  if ! MAX_JOBS="${MAX_JOBS:-2}" python -m pip install -v --no-build-isolation --no-deps -e . > .venv/build.log 2>&1; then
+    grep -E "tntkernels build error|error:" .venv/build.log | head -20 >&2 || true
+    echo "build failed; full log in .venv/build.log" >&2; exit 1
+  fi
+  grep -E "^ *tntkernels: building" .venv/build.log | head -1 || true
+  grep -E "bin/nvcc .*\.cu" .venv/build.log | grep -oE "csrc/cuda/[^ ]*\.cu" | sort -u | sed 's/^/  nvcc compiled: /' || true
+  rm -f .venv/.tntkernels-build-*; touch "$stamp"
+fi
+python -m tntkernels
+
+case "$mode" in
+  train) exec tntkernels-train "$@" ;;
+  test) exec python -m pytest -q -ra "$@" ;;
+  setup) ;;
+esac

@@ -1,0 +1,81 @@
+"""hsim_split_linear: the reference against the dense-matrix oracle of TinT's H_sim-split op."""
+import pytest
+import torch
+
+from tntkernels import hsim_split_linear, hsim_split_linear_ref
+
+
+def params(H=4, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    return r(d, H, H), r(d, H), r(H, d, d), r(H, d)
+
+
+def dense_oracle(M, m, A, a):
+    """W_dense[(h,k),(g,j)] = M[k,h,g] · A[g][k,j]; bias = Σ_k m[k,g] A[g][k,j] + a[g,j] (tint.md §1)."""
+    d, H, _ = M.shape
+    W = torch.zeros(H * d, H * d, dtype=M.dtype)
+    bias = torch.zeros(H * d, dtype=M.dtype)
+    for h in range(H):
+        for k in range(d):
+            for g in range(H):
+                for j in range(d):
+                    W[h * d + k, g * d + j] = M[k, h, g] * A[g, k, j]
+    for g in range(H):
+        for j in range(d):
+            bias[g * d + j] = sum(m[k, g] * A[g, k, j] for k in range(d)) + a[g, j]
+    return W, bias
+
+
+@pytest.mark.parametrize("H,d", [(4, 8), (3, 5), (1, 6)])
+def test_composite_matches_dense_oracle(H, d):
+    M, m, A, a = params(H, d)
+    x = torch.randn(7, 3, H * d, dtype=torch.float64)
+    W, bias = dense_oracle(M, m, A, a)
+    assert torch.allclose(hsim_split_linear_ref(x, M, m, A, a), x @ W + bias, atol=1e-12)
+    assert torch.allclose(hsim_split_linear(x, M, m, A, a), x @ W + bias, atol=1e-12)
+
+
+def test_parts_alone_match_loops():
+    H, d = 3, 4
+    M, m, A, a = params(H, d)
+    x = torch.randn(5, H * d, dtype=torch.float64)
+    xs = x.reshape(5, H, d)
+    z = torch.zeros(5, H, d, dtype=torch.float64)
+    for g in range(H):
+        for k in range(d):
+            z[:, g, k] = sum(xs[:, h, k] * M[k, h, g] for h in range(H)) + m[k, g]
+    assert torch.allclose(hsim_split_linear(x, M, m), z.reshape(5, -1), atol=1e-12)
+    y = torch.stack([xs[:, g] @ A[g] + a[g] for g in range(H)], 1)  # TinT's per-head loop form
+    assert torch.allclose(hsim_split_linear(x, block_weight=A, block_bias=a), y.reshape(5, -1), atol=1e-12)
+    assert torch.allclose(hsim_split_linear(x, block_weight=A), (y - a).reshape(5, -1), atol=1e-12)
+
+
+def test_gradients_match_spec_formulas():
+    H, d, N = 3, 4, 6
+    M, m, A, a = (t.requires_grad_() for t in params(H, d))
+    x = torch.randn(N, H * d, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(N, H, d, dtype=torch.float64)
+    hsim_split_linear(x, M, m, A, a).backward(dy.reshape(N, -1))
+    xs = x.detach().reshape(N, H, d)
+    z = torch.einsum("nhk,khg->ngk", xs, M.detach()) + m.detach().t()
+    dz = torch.einsum("ngj,gkj->ngk", dy, A.detach())  # dz = dy · A[g]ᵀ
+    assert torch.allclose(x.grad.reshape(N, H, d), torch.einsum("ngk,khg->nhk", dz, M.detach()), atol=1e-12)
+    assert torch.allclose(A.grad, torch.einsum("ngk,ngj->gkj", z, dy), atol=1e-12)
+    assert torch.allclose(a.grad, dy.sum(0), atol=1e-12)
+    assert torch.allclose(M.grad, torch.einsum("nhk,ngk->khg", xs, dz), atol=1e-12)
+    assert torch.allclose(m.grad, dz.sum(0).t(), atol=1e-12)
+
+
+@pytest.mark.parametrize("args,match", [
+    (dict(mix_bias=torch.randn(8, 4)), r"mix_bias given without mix_weight"),
+    (dict(block_weight=torch.randn(4, 8, 7)), r"block_weight must have shape \(H, d, d\)"),
+    (dict(block_weight=torch.randn(5, 8, 8)), r"x's last dim D=32 must equal H·d"),
+    (dict(mix_weight=torch.randn(8, 4, 4, dtype=torch.float64)), r"mix_weight has dtype"),
+    (dict(mix_weight=torch.randn(8, 4)), r"mix_weight must be 3-D"),
+    (dict(block_weight=torch.randn(4, 8, 8), backend="triton"), r"backend 'triton' is not implemented"),
+])
+def test_bad_inputs(args, match):
+    x = torch.randn(3, 32)
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        hsim_split_linear(x, **args)

@@ -1,0 +1,292 @@
+"""tntkernels.train: tiny runs in-process (metrics, checkpoints, exact resume, Ctrl-C, errors), the
+real entry point through subprocesses, and one slow test of the default command end to end."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tntkernels import train
+
+ROOT = Path(__file__).resolve().parents[1]
+# 32 train images in batches of 16: 2 steps per epoch; 16 test images.
+TINY = ["--limit-train", "32", "--limit-test", "16", "--batch-size", "16", "--epochs", "2"]
+TIMING = ("img_per_s", "seconds")
+
+
+def run(argv, capsys):
+    rc = train.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def metrics(out_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(m: dict) -> dict:
+    return {k: v for k, v in m.items() if k not in TIMING}
+
+
+def load(out_dir) -> dict:
+    return torch.load(Path(out_dir) / "checkpoint.pt", map_location="cpu", weights_only=True)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def assert_one_error_line(rc, err, *fragments):
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("tntkernels-train: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The reference: TINY trained for 2 epochs without stopping."""
+    out = tmp_path_factory.mktemp("straight")
+    assert train.main(TINY + ["--out", str(out)]) == 0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# A run and what it writes.
+# ---------------------------------------------------------------------------------------------
+
+def test_one_epoch_run_writes_metrics_checkpoint_and_summary(tmp_path, capsys):
+    rc, out, err = run(TINY + ["--epochs", "1", "--out", tmp_path], capsys)
+    assert rc == 0, err
+    summary = out.strip().splitlines()[-1]
+    m = re.fullmatch(r"final: model=tnt_t_patch8_32 dataset=digits epochs=1 test_acc=(\S+) best_acc=(\S+) "
+                     r"time=(\S+)s out=(.+)", summary)
+    assert m, summary
+    assert m.group(4) == str(tmp_path)
+    (line,) = metrics(tmp_path)
+    assert set(line) == {"epoch", "train_loss", "test_loss", "test_acc", "img_per_s", "lr", "seconds"}
+    assert line["epoch"] == 1 and 0.0 <= line["test_acc"] <= 1.0 and np.isfinite(line["train_loss"])
+    assert float(m.group(1)) == pytest.approx(line["test_acc"], abs=1e-4)
+    ckpt = load(tmp_path)
+    assert (ckpt["model"], ckpt["dataset"], ckpt["epoch"], ckpt["step"]) == ("tnt_t_patch8_32", "digits", 1, 0)
+    for key in ("model_state", "optimizer", "scheduler", "args", "rng", "data_order"):
+        assert key in ckpt
+    assert {"torch", "cuda", "numpy", "python"} <= set(ckpt["rng"])
+    assert not list(tmp_path.glob(".*.tmp"))  # no leftovers of the atomic write
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    factors = [train._lr_factor(s, 4, 20) for s in range(21)]
+    assert factors[:4] == sorted(factors[:4]) and factors[4] == 1.0
+    assert factors[4:] == sorted(factors[4:], reverse=True) and factors[20] == 0.0
+
+
+def test_random_translate_moves_content_within_bounds():
+    x = torch.zeros(64, 1, 8, 8)
+    x[:, :, 4, 4] = 1.0
+    out = train._random_translate(x, 2, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    pos = out[:, 0].flatten(1).argmax(1)
+    dy, dx = pos // 8 - 4, pos % 8 - 4
+    assert dy.abs().max() <= 2 and dx.abs().max() <= 2 and len(set(zip(dy.tolist(), dx.tolist()))) > 10
+    assert torch.equal(out.sum((1, 2, 3)), torch.ones(64))
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact resume.
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stop_after", [2, 3], ids=["epoch-boundary", "mid-epoch"])
+def test_resume_is_bitwise_exact(tmp_path, capsys, straight, stop_after):
+    rc, out, _ = run(TINY + ["--out", tmp_path, "--stop-after-steps", stop_after], capsys)
+    assert rc == 0 and "stopped after" in out
+    ckpt = load(tmp_path)
+    assert (ckpt["epoch"], ckpt["step"]) == {2: (0, 2), 3: (1, 1)}[stop_after]  # 2 = all of epoch 1, not evaluated
+    rc, out, err = run(["--resume", tmp_path / "checkpoint.pt"], capsys)  # recipe comes from the checkpoint
+    assert rc == 0, err
+    assert "resuming" in out and "final:" in out
+    assert_same_weights(load(straight)["model_state"], load(tmp_path)["model_state"])
+    assert [without_timing(m) for m in metrics(straight)] == [without_timing(m) for m in metrics(tmp_path)]
+
+
+def test_resume_flag_alone_uses_out_dir_and_extends_epochs(tmp_path, capsys):
+    rc, _, _ = run(TINY + ["--epochs", "1", "--out", tmp_path], capsys)
+    assert rc == 0
+    rc, out, err = run(["--resume", "--out", tmp_path, "--epochs", "2"], capsys)
+    assert rc == 0, err
+    assert [m["epoch"] for m in metrics(tmp_path)] == [1, 2]
+    rc, out, _ = run(["--resume", "--out", tmp_path], capsys)  # already done: just the summary
+    assert rc == 0 and "epochs=2" in out.splitlines()[-1]
+
+
+def test_resume_rejects_a_different_batch_size(tmp_path, capsys):
+    assert run(TINY + ["--epochs", "1", "--out", tmp_path], capsys)[0] == 0
+    rc, _, err = run(["--resume", "--out", tmp_path, "--batch-size", "8"], capsys)
+    assert_one_error_line(rc, err, "--batch-size 8", "16")
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C.
+# ---------------------------------------------------------------------------------------------
+
+def _interrupt_at(monkeypatch, call: int, how: str):
+    real_step, calls = train._train_step, []
+
+    def step(*args):
+        calls.append(1)
+        if len(calls) == call and how == "raise":  # mid-step, before the update
+            raise KeyboardInterrupt
+        loss = real_step(*args)
+        if len(calls) == call and how == "signal":  # a real SIGINT through the handler
+            signal.raise_signal(signal.SIGINT)
+        return loss
+
+    monkeypatch.setattr(train, "_train_step", step)
+
+
+@pytest.mark.parametrize("how", ["signal", "raise"])
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, capsys, monkeypatch, straight, how):
+    _interrupt_at(monkeypatch, 3, how)
+    rc, _, err = run(TINY + ["--out", tmp_path], capsys)
+    assert rc == 130
+    assert f"checkpoint saved to {tmp_path / 'checkpoint.pt'}" in err
+    ckpt = load(tmp_path)
+    # "signal": the step in progress completes; "raise": it never happened
+    assert (ckpt["epoch"], ckpt["step"]) == ((1, 1) if how == "signal" else (1, 0))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    monkeypatch.undo()
+    rc, _, err = run(TINY + ["--out", tmp_path, "--resume"], capsys)
+    assert rc == 0, err
+    assert_same_weights(load(straight)["model_state"], load(tmp_path)["model_state"])
+    assert [without_timing(m) for m in metrics(straight)] == [without_timing(m) for m in metrics(tmp_path)]
+
+
+def test_sigint_to_a_real_process_saves_and_exits_130(tmp_path):
+    cmd = [sys.executable, "-m", "tntkernels.train", "--limit-train", "64", "--limit-test", "16",
+           "--batch-size", "16", "--epochs", "50", "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "params" in proc.stdout.readline()  # the header: training is about to start
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "checkpoint saved to" in err and "Traceback" not in err
+    assert load(tmp_path)["model"] == "tnt_t_patch8_32"
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit 2.
+# ---------------------------------------------------------------------------------------------
+
+def _write_bad_mnist(root: Path) -> Path:
+    root.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (root / name).write_bytes(b"\x00\x00\x08\x07" + bytes(100))  # wrong magic
+    return root
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["--model", "resnet50"], ["unknown model 'resnet50'", "tnt_t_patch8_32"]),
+    (["--dataset", "svhn"], ["svhn"]),
+    (["--dataset", "mnist", "--data-dir", "{tmp}/nowhere"], ["does not exist", "t10k-images-idx3-ubyte"]),
+    (["--dataset", "mnist"], ["mnist needs a data directory"]),
+    (["--dataset", "mnist", "--data-dir", "{bad_mnist}"], ["wrong IDX magic number"]),
+    (["--epochs", "0"], ["--epochs must be ≥ 1"]),
+    (["--lr", "-1"], ["--lr must be > 0"]),
+    (["--epochs", "two"], ["invalid int value"]),
+    (["--resume", "{tmp}/missing.pt"], ["no checkpoint at"]),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, fragments):
+    bad_mnist = _write_bad_mnist(tmp_path / "bad") if "{bad_mnist}" in argv else None
+    argv = [a.format(tmp=tmp_path, bad_mnist=bad_mnist) for a in argv]
+    rc, _, err = run(argv + ["--out", tmp_path / "run"], capsys)
+    assert_one_error_line(rc, err, *fragments)
+
+
+def test_cuda_device_without_cuda(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    rc, _, err = run(["--device", "cuda", "--out", tmp_path], capsys)
+    assert_one_error_line(rc, err, "--device cuda")
+
+
+def test_checkpoint_of_another_model(tmp_path, capsys):
+    assert run(TINY + ["--epochs", "1", "--out", tmp_path], capsys)[0] == 0
+    rc, _, err = run(["--model", "tnt_t_patch7_28", "--resume", tmp_path / "checkpoint.pt"], capsys)
+    assert_one_error_line(rc, err, "model 'tnt_t_patch8_32'", "expected model 'tnt_t_patch7_28'")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "foreign"])
+def test_corrupt_checkpoint(tmp_path, capsys, damage):
+    assert run(TINY + ["--epochs", "1", "--out", tmp_path], capsys)[0] == 0
+    path = tmp_path / "checkpoint.pt"
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "garbage":
+        path.write_bytes(os.urandom(1000))
+    else:
+        torch.save({"state_dict": {}}, path)
+    rc, _, err = run(["--resume", "--out", tmp_path], capsys)
+    assert_one_error_line(rc, err, str(path))
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
+    assert run(TINY + ["--epochs", "1", "--out", tmp_path], capsys)[0] == 0
+    path = tmp_path / "checkpoint.pt"
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def save_half_then_fail(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        f.seek(len(before) // 3)
+        f.truncate()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_half_then_fail)
+    rc, _, err = run(["--resume", "--out", tmp_path, "--epochs", "2"], capsys)
+    assert rc == 1
+    assert err.strip().count("\n") == 0 and "No space left on device" in err and "unchanged" in err
+    assert path.read_bytes() == before
+    assert not list(tmp_path.glob(".*.tmp"))
+    monkeypatch.undo()
+    rc, _, err = run(["--resume", "--out", tmp_path], capsys)  # and it still resumes
+    assert rc == 0, err
+
+
+# ---------------------------------------------------------------------------------------------
+# The real entry point.
+# ---------------------------------------------------------------------------------------------
+
+def test_module_entry_point_reports_errors_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tntkernels.train", "--model", "nope", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert_one_error_line(proc.returncode, proc.stderr, "unknown model 'nope'")
+
+
+@pytest.mark.slow
+def test_default_command_reaches_93_percent_on_digits(tmp_path):
+    """The documented default (`tntkernels-train`) end to end: ≥ 93% on the 360 digits test images."""
+    proc = subprocess.run([sys.executable, "-m", "tntkernels.train", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = proc.stdout.strip().splitlines()[-1]
+    match = re.search(r"^final: .*dataset=digits .*test_acc=([0-9.]+) ", summary)
+    assert match, summary
+    assert float(match.group(1)) >= 0.93, summary

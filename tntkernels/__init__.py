@@ -1,0 +1,26 @@
+"""tntkernels: fused kernels for the transformer-in-transformer family (TNT, RTNT, Nested-TNT, TinT).
+
+Public API:
+    inner_attention, nested_attention, hsim_split_linear     — functional ops with `backend=`
+    inner_attention_ref, nested_attention_ref, hsim_split_linear_ref — pure-PyTorch references
+    tntkernels.nn      — drop-in modules (Attention, TNTBlock)
+    tntkernels.models  — TNT, RTNT and `create_model(name, **kwargs)`
+"""
+__version__ = "0.1.0"
+
+from . import _backend  # noqa: E402  (loads tntkernels._C, registering torch.ops.tntkernels.*)
+from .ops import (  # noqa: E402
+    hsim_split_linear,
+    hsim_split_linear_ref,
+    inner_attention,
+    inner_attention_ref,
+    nested_attention,
+    nested_attention_ref,
+)
+
+__all__ = [
+    "__version__",
+    "inner_attention", "inner_attention_ref",
+    "nested_attention", "nested_attention_ref",
+    "hsim_split_linear", "hsim_split_linear_ref",
+]

@@ -1,0 +1,214 @@
+"""TNT (Transformer in Transformer) built from `tntkernels.nn`, state_dict-compatible with timm.
+
+Only the official pixel embedding (timm's non-legacy `TNT`) is provided: the image is cut into
+p×p sentences first, and each sentence goes through its own Conv2d(7, stride, padding 3), so no
+word sees pixels of a neighbouring sentence.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from ..nn import TNTBlock
+
+GLOBAL_POOLS = ("", "token", "avg")
+
+
+def _pair(x: int | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(x, int):
+        return (x, x)
+    h, w = x
+    return (int(h), int(w))
+
+
+def check_image(model: str, x: torch.Tensor, input_size: tuple[int, int, int]) -> None:
+    """Raise ValueError unless x is (B, C, H, W) with (C, H, W) == input_size."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != tuple(input_size):
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{model}: expected images of shape (B, C, H, W) with (C, H, W) = {tuple(input_size)}, "
+                         f"got {got}")
+
+
+def init_weights(module: nn.Module) -> None:
+    """timm's TNT init: trunc-normal(std .02) Linear weights, zero biases, LayerNorm (1, 0).
+
+    Conv2d keeps PyTorch's default init (timm does not touch it either).
+    """
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        if module.weight is not None:
+            nn.init.ones_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def drop_path_rates(drop_path_rate: float, depth: int) -> list[float]:
+    """Stochastic-depth rate of each block: linear from 0 to `drop_path_rate` (timm's rule)."""
+    return torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+
+
+class PixelEmbed(nn.Module):
+    """Official TNT pixel embedding: sentences (p×p patches) → words of width c.
+
+    Args:
+        img_size: (H, W) or int.  patch_size: sentence size (p_h, p_w) or int.
+        in_chans: C.  in_dim: word width c.  stride: conv stride (TNT: 4).
+    Shapes:
+        forward(x (B, C, H, W), pixel_pos (1, c, s_h, s_w)) → words (B·N, s_h·s_w, c), x's dtype,
+        where N = (H / p_h)·(W / p_w) sentences and s = ceil(p / stride) words per side; word index
+        = row·s_w + col.
+    Source: Han et al. 2021 (TNT) §2.2; timm `PixelEmbed` (legacy=False) for names and layout.
+    """
+
+    def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int | tuple[int, int] = 16,
+                 in_chans: int = 3, in_dim: int = 48, stride: int = 4, device=None, dtype=None):
+        super().__init__()
+        self.img_size = _pair(img_size)
+        self.patch_size = _pair(patch_size)
+        self.in_chans = in_chans
+        self.in_dim = in_dim
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        # conv output side with kernel 7, padding 3: floor((p - 1) / stride) + 1 = ceil(p / stride)
+        self.new_patch_size = [math.ceil(p / stride) for p in self.patch_size]
+        self.proj = nn.Conv2d(in_chans, in_dim, kernel_size=7, padding=3, stride=stride, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, pixel_pos: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        gh, gw = self.grid_size
+        ph, pw = self.patch_size
+        x = x[:, :, :gh * ph, :gw * pw]  # nn.Unfold drops a remainder too
+        x = x.reshape(B, C, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5)  # (B, gh, gw, C, ph, pw)
+        x = x.reshape(B * self.num_patches, C, ph, pw)  # (B·N, C, ph, pw), sentences row-major
+        x = self.proj(x) + pixel_pos  # (B·N, c, s_h, s_w)
+        return x.flatten(2).transpose(1, 2)  # (B·N, s_h·s_w, c)
+
+
+class TNT(nn.Module):
+    """Transformer in Transformer, drop-in for timm's `TNT` (non-legacy), running on our kernels.
+
+    Args (as timm):
+        img_size: (H, W) or int.  patch_size: sentence size p (int or pair).  in_chans: C.
+        num_classes: K (0 = no head, forward returns pooled features).
+        global_pool: "token" (class token), "avg" (mean of sentence tokens) or "" (no pooling).
+        embed_dim: sentence width d.  inner_dim: word width c.  depth: blocks.
+        num_heads_inner / num_heads_outer: heads of the word / sentence attention.
+        mlp_ratio: sentence MLP hidden = d · mlp_ratio (the word MLP is always 4c).
+        qkv_bias: bias in qk and v (TNT: False).
+        drop_rate: dropout before the head.  pos_drop_rate: dropout after the position embedding.
+        proj_drop_rate, attn_drop_rate: dropouts inside attention / MLP.
+        drop_path_rate: stochastic depth of the last block (linear from 0).
+        norm_layer: LayerNorm class.  first_stride: stride of the pixel-embedding conv (words per side
+            = ceil(p / first_stride)).  device, dtype: of the parameters.
+        backend: forwarded to every attention (None = best available; see `tntkernels.inner_attention`).
+    Shapes:
+        forward(x (B, C, H, W) float) → logits (B, K) (or (B, d) when num_classes = 0).
+        forward_features(x) → normalized sentence tokens (B, N + 1, d), class token at index 0.
+        forward_head(tokens (B, N + 1, d), pre_logits=False) → (B, K), or pooled (B, d) if pre_logits.
+        Internally: words (B·N, m, c), sentences (B, N + 1, d); N = (H/p)·(W/p), m = ceil(p/first_stride)².
+    Raises:
+        ValueError: global_pool not one of "", "token", "avg"; image smaller than one patch;
+            input not (B, C, H, W) with the configured (C, H, W).
+    Source: Han et al. 2021, "Transformer in Transformer" (arXiv 2103.00112); parameter names,
+        layouts and init follow timm `timm/models/tnt.py`, so timm's `tnt_*` state_dicts load strictly.
+    """
+
+    def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int | tuple[int, int] = 16,
+                 in_chans: int = 3, num_classes: int = 1000, global_pool: str = "token", embed_dim: int = 768,
+                 inner_dim: int = 48, depth: int = 12, num_heads_inner: int = 4, num_heads_outer: int = 12,
+                 mlp_ratio: float = 4., qkv_bias: bool = False, drop_rate: float = 0., pos_drop_rate: float = 0.,
+                 proj_drop_rate: float = 0., attn_drop_rate: float = 0., drop_path_rate: float = 0.,
+                 norm_layer: type[nn.Module] = nn.LayerNorm, first_stride: int = 4, device=None, dtype=None,
+                 backend: str | None = None):
+        dd = {"device": device, "dtype": dtype}
+        super().__init__()
+        if global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"TNT: global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
+        img_hw, patch_hw = _pair(img_size), _pair(patch_size)
+        if img_hw[0] < patch_hw[0] or img_hw[1] < patch_hw[1]:
+            raise ValueError(f"TNT: img_size {img_hw} is smaller than patch_size {patch_hw}")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1
+        self.backend = backend
+        self.input_size = (in_chans, img_hw[0], img_hw[1])
+
+        self.pixel_embed = PixelEmbed(img_hw, patch_hw, in_chans, inner_dim, first_stride, **dd)
+        self.num_patches = num_patches = self.pixel_embed.num_patches
+        s_h, s_w = self.pixel_embed.new_patch_size
+        self.num_pixel = num_pixel = s_h * s_w  # words per sentence m
+
+        # stem: words of a sentence → one sentence token
+        self.norm1_proj = norm_layer(num_pixel * inner_dim, **dd)
+        self.proj = nn.Linear(num_pixel * inner_dim, embed_dim, **dd)
+        self.norm2_proj = norm_layer(embed_dim, **dd)
+
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd))
+        self.patch_pos = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim, **dd))
+        self.pixel_pos = nn.Parameter(torch.zeros(1, inner_dim, s_h, s_w, **dd))
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+
+        self.blocks = nn.ModuleList([
+            TNTBlock(inner_dim, embed_dim, num_pixel, num_heads_in=num_heads_inner, num_heads_out=num_heads_outer,
+                     mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
+                     drop_path=dpr, norm_layer=norm_layer, backend=backend, **dd)
+            for dpr in drop_path_rates(drop_path_rate, depth)])
+        self.norm = norm_layer(embed_dim, **dd)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+
+        for p in (self.cls_token, self.patch_pos, self.pixel_pos):
+            nn.init.trunc_normal_(p, std=.02)
+        self.apply(init_weights)
+        self.pretrained_cfg = {"input_size": self.input_size, "num_classes": num_classes,
+                               "first_conv": "pixel_embed.proj", "classifier": "head"}
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"patch_pos", "pixel_pos", "cls_token"}
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head with a fresh Linear(d, num_classes) (Identity when 0), init as at construction."""
+        if global_pool is not None:
+            if global_pool not in GLOBAL_POOLS:
+                raise ValueError(f"TNT: global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
+        ref = self.norm.weight
+        self.head = (nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
+                     if num_classes > 0 else nn.Identity())
+        self.head.apply(init_weights)
+        self.head.train(self.training)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        check_image("TNT", x, self.input_size)
+        B = x.shape[0]
+        words = self.pixel_embed(x, self.pixel_pos)  # (B·N, m, c)
+        sentences = self.norm2_proj(self.proj(self.norm1_proj(words.reshape(B, self.num_patches, -1))))  # (B, N, d)
+        sentences = torch.cat([self.cls_token.expand(B, -1, -1), sentences], dim=1)  # (B, N+1, d)
+        sentences = self.pos_drop(sentences + self.patch_pos)
+        for blk in self.blocks:
+            words, sentences = blk(words, sentences)
+        return self.norm(sentences)  # (B, N+1, d)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens:].mean(dim=1)  # (B, d)
+        elif self.global_pool == "token":
+            x = x[:, 0]  # (B, d)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))

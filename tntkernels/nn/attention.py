@@ -1,0 +1,63 @@
+"""Drop-in multi-head attention for TNT (timm `timm.models.tnt.Attention`), on our kernels."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..ops.inner_attention import inner_attention, inner_attention_ref
+
+
+class Attention(nn.Module):
+    """TNT multi-head attention with timm's constructor and parameter names (`qk`, `v`, `proj`).
+
+    Args:
+        dim: input and output width C.
+        hidden_dim: width of q and k (num_heads × head_dim); v keeps width `dim`.
+        num_heads: heads H.
+        qkv_bias: bias in `qk` and `v` (TNT: False).
+        attn_drop: dropout on the attention probabilities; when > 0 and training, the reference
+            path runs (our kernels have no dropout).
+        proj_drop: dropout after `proj`.
+        backend: forwarded to `tntkernels.inner_attention` (None = best available).
+    Shapes:
+        forward(x): x (B, N, C) → (B, N, C), x's dtype. For TNT's inner level B = batch × sentences,
+        N = words; for the outer level B = batch, N = sentences + 1.
+    Raises:
+        ValueError: dim or hidden_dim not divisible by num_heads; x not (B, N, dim).
+    Source: Han et al. 2021 (TNT), Eq. 2-3.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, num_heads: int = 8, qkv_bias: bool = False,
+                 attn_drop: float = 0., proj_drop: float = 0., device=None, dtype=None, backend: str | None = None):
+        dd = {"device": device, "dtype": dtype}
+        super().__init__()
+        if hidden_dim % num_heads or dim % num_heads:
+            raise ValueError(f"Attention: dim={dim} and hidden_dim={hidden_dim} must be divisible by "
+                             f"num_heads={num_heads}")
+        self.hidden_dim = hidden_dim
+        self.num_heads = num_heads
+        self.head_dim = hidden_dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.backend = backend
+        self.qk = nn.Linear(dim, hidden_dim * 2, bias=qkv_bias, **dd)
+        self.v = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.v.in_features:
+            raise ValueError(f"Attention: x must be (B, N, {self.v.in_features}), got {tuple(x.shape)}")
+        B, N, C = x.shape
+        qk = self.qk(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (2, B, H, N, hd)
+        q, k = qk.unbind(0)  # (B, H, N, hd)
+        v = self.v(x).reshape(B, N, self.num_heads, -1).permute(0, 2, 1, 3)  # (B, H, N, C/H)
+        if self.training and self.attn_drop.p > 0:
+            attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)  # (B, H, N, N)
+            out = self.attn_drop(attn) @ v
+        elif self.backend == "reference":
+            out = inner_attention_ref(q, k, v, self.scale)
+        else:
+            out = inner_attention(q, k, v, scale=self.scale, backend=self.backend)  # (B, H, N, C/H)
+        x = out.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
+        return self.proj_drop(self.proj(x))
