@@ -146,6 +146,8 @@ def test_default_backend_on_cpu_is_the_cpp_op(monkeypatch):
     q, k, v = make(2, 2, 4, 6, 6)
     inner_attention(q, k, v)
     assert calls == ["cpu"]
+    inner_attention(*make(2, 2, 4, 32, 32))  # wide heads: the reference's batched GEMMs
+    assert calls == ["cpu"]
     monkeypatch.setenv("TNTKERNELS_BACKEND", "reference")
     inner_attention(q, k, v)
     assert calls == ["cpu"]

@@ -1,55 +1,212 @@
 // Batched inner-block attention on CPU: softmax(q kᵀ · scale) v over (S, H, m, d) sequences.
 //
 // at::parallel_for over the S·H (sequence, head) pairs; every pair is independent and each output
-// element is written by exactly one task, so results are deterministic. Accumulation in float
-// for float16 / bfloat16 / float32 inputs, double for float64.
+// element is written by exactly one task, so results are deterministic. Per pair, the inputs are
+// copied into per-thread buffers in the accumulation type (float for float16 / bfloat16 / float32,
+// double for float64), with k, v and the gradients kept transposed (head_dim × m) so that every
+// inner loop runs over the m tokens and vectorizes; the float path is compiled for AVX2 and for
+// baseline x86-64 (target_clones, chosen at load time) and uses a branch-free exp that vectorizes.
+//
+//   forward:  S = q kᵀ·scale;  P = softmax_rows(S);  out = P v;  lse_i = log Σ_j exp(S_ij)
+//   backward: P = exp(S − lse);  dP = dO vᵀ;  dS = P ⊙ (dP − rowsum(dO ⊙ O))·scale
+//             dQ = dS k;  dK = dSᵀ q;  dV = Pᵀ dO
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
 
 #include "../checks.h"
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define TNT_TARGET_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define TNT_TARGET_CLONES
+#endif
+#define TNT_INLINE inline __attribute__((always_inline))
+
 namespace tntkernels {
 namespace {
 
+// exp(x) for float without branches, so loops over it vectorize: Cody-Waite range reduction
+// x = n·ln2 + r, |r| ≤ ln2/2, and a degree-6 polynomial for e^r (Cephes expf coefficients; relative
+// error ≈ 1e-7). exp(−inf) = 0, exp(+inf) = +inf, NaN propagates. The selects if-convert (and
+// the loop vectorizes) only with -fno-trapping-math, which setup.py passes; it changes no values.
+TNT_INLINE float exp_f32(float x) {
+  const float hi = 88.3762626647949f, lo = -87.3365447505531f;
+  float xc = x > lo ? x : lo;
+  xc = xc < hi ? xc : hi;
+  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  float r = xc - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  float y = p * scale;
+  y = x < lo ? 0.0f : y;
+  y = x > hi ? std::numeric_limits<float>::infinity() : y;
+  return x != x ? x : y;
+}
+TNT_INLINE double exp_acc(double x) { return std::exp(x); }
+TNT_INLINE float exp_acc(float x) { return exp_f32(x); }
+
+// Per-thread scratch for one (sequence, head) pair; sizes grow to the largest pair seen.
+template <typename acc_t>
+struct Scratch {
+  std::vector<acc_t> q, kt, vt, s, st, g, gt, o, dqt, dkt, dvt;
+  void resize(int64_t m, int64_t d, int64_t dv) {
+    for (auto* b : {&q, &kt, &dqt, &dkt}) b->resize(m * d);
+    for (auto* b : {&vt, &g, &gt, &o, &dvt}) b->resize(m * dv);
+    s.resize(m * m);
+    st.resize(m * m);
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+TNT_INLINE void load(const scalar_t* src, acc_t* dst, int64_t rows, int64_t cols, bool transpose) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[transpose ? c * rows + r : r * cols + c] = acc_t(src[r * cols + c]);
+}
+
+// y[0:n) += a · x[0:n), in fixed blocks of 8 that the compiler turns into single vector FMAs.
+template <typename acc_t>
+TNT_INLINE void axpy(acc_t* __restrict__ y, acc_t a, const acc_t* __restrict__ x, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+#pragma GCC unroll 8
+    for (int t = 0; t < 8; ++t) y[j + t] += a * x[j + t];
+  }
+  for (; j < n; ++j) y[j] += a * x[j];
+}
+
+// s (m × m) = q (m × d) · kt·scale, rows over queries, kt (d × m).
+template <typename acc_t>
+TNT_INLINE void scores(const acc_t* __restrict__ q, const acc_t* __restrict__ kt, acc_t* __restrict__ s, int64_t m,
+                       int64_t d, acc_t scale) {
+  for (int64_t i = 0; i < m; ++i) {
+    acc_t* si = s + i * m;
+    for (int64_t j = 0; j < m; ++j) si[j] = 0;
+    for (int64_t c = 0; c < d; ++c) {
+      const acc_t qc = q[i * d + c] * scale;
+      axpy(si, qc, kt + c * m, m);
+    }
+  }
+}
+
+// out (rows × n) = a (rows × k) · b (k × n), all row-major; the inner loop runs over n.
+template <typename acc_t>
+TNT_INLINE void matmul_rows(const acc_t* __restrict__ a, const acc_t* __restrict__ b, acc_t* __restrict__ out,
+                            int64_t rows, int64_t k, int64_t n) {
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* o = out + r * n;
+    for (int64_t j = 0; j < n; ++j) o[j] = 0;
+    for (int64_t x = 0; x < k; ++x) {
+      axpy(o, a[r * k + x], b + x * n, n);
+    }
+  }
+}
+
+template <typename acc_t>
+TNT_INLINE void transpose(const acc_t* __restrict__ src, acc_t* __restrict__ dst, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
+}
+
+// One pair, forward: fills s with P (m × m), ot (dv × m) with outᵀ, lse (m).
+template <typename acc_t>
+TNT_INLINE void pair_forward(Scratch<acc_t>& w, acc_t* lse, int64_t m, int64_t d, int64_t dv, acc_t scale) {
+  scores(w.q.data(), w.kt.data(), w.s.data(), m, d, scale);
+  for (int64_t i = 0; i < m; ++i) {
+    acc_t* si = w.s.data() + i * m;
+    acc_t mx = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t j = 0; j < m; ++j) mx = si[j] > mx ? si[j] : mx;
+    const acc_t shift = mx == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : mx;
+    for (int64_t j = 0; j < m; ++j) si[j] = exp_acc(si[j] - shift);
+    acc_t sum = 0;
+    for (int64_t j = 0; j < m; ++j) sum += si[j];
+    const acc_t inv = acc_t(1) / sum;
+    for (int64_t j = 0; j < m; ++j) si[j] *= inv;
+    lse[i] = shift + std::log(sum);
+  }
+  transpose(w.s.data(), w.st.data(), m, m);                         // Pᵀ (m × m)
+  matmul_rows(w.vt.data(), w.st.data(), w.o.data(), dv, m, m);      // outᵀ = vᵀ Pᵀ (dv × m)
+}
+
+// One pair, backward, given q, kt, vt, g = dO (m × dv), gt = dOᵀ, o = outᵀ (dv × m) and lse:
+// writes dqt (d × m), dkt (d × m), dvt (dv × m).
+template <typename acc_t>
+TNT_INLINE void pair_backward(Scratch<acc_t>& w, const acc_t* lse, int64_t m, int64_t d, int64_t dv, acc_t scale) {
+  acc_t* P = w.s.data();
+  acc_t* dS = w.st.data();
+  scores(w.q.data(), w.kt.data(), P, m, d, scale);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < m; ++j) P[i * m + j] = exp_acc(P[i * m + j] - lse[i]);
+  matmul_rows(w.g.data(), w.vt.data(), dS, m, dv, m);  // dP = dO vᵀ (m × m)
+  for (int64_t i = 0; i < m; ++i) {
+    acc_t Di = 0;  // Σ_j P_ij dP_ij = dO_i · O_i
+    for (int64_t c = 0; c < dv; ++c) Di += w.g[i * dv + c] * w.o[c * m + i];
+    for (int64_t j = 0; j < m; ++j) dS[i * m + j] = P[i * m + j] * (dS[i * m + j] - Di) * scale;
+  }
+  // dVᵀ (dv × m) = dOᵀ P;  dKᵀ (d × m) = qᵀ dS;  dQᵀ (d × m) = kᵀ dSᵀ
+  matmul_rows(w.gt.data(), P, w.dvt.data(), dv, m, m);
+  transpose(w.q.data(), w.dqt.data(), m, d);  // qᵀ, borrowed buffer
+  matmul_rows(w.dqt.data(), dS, w.dkt.data(), d, m, m);
+  transpose(dS, P, m, m);  // dSᵀ into P's buffer (P no longer needed)
+  matmul_rows(w.kt.data(), P, w.dqt.data(), d, m, m);
+}
+
+// m = 16 (TNT's 4×4 words) is passed as a compile-time constant so its loops unroll exactly.
+TNT_TARGET_CLONES void pair_forward_f32(Scratch<float>& w, float* lse, int64_t m, int64_t d, int64_t dv, float scale) {
+  if (m == 16) pair_forward<float>(w, lse, 16, d, dv, scale);
+  else pair_forward<float>(w, lse, m, d, dv, scale);
+}
+TNT_TARGET_CLONES void pair_backward_f32(Scratch<float>& w, const float* lse, int64_t m, int64_t d, int64_t dv,
+                                         float scale) {
+  if (m == 16) pair_backward<float>(w, lse, 16, d, dv, scale);
+  else pair_backward<float>(w, lse, m, d, dv, scale);
+}
+void pair_forward_any(Scratch<float>& w, float* lse, int64_t m, int64_t d, int64_t dv, float scale) {
+  pair_forward_f32(w, lse, m, d, dv, scale);
+}
+void pair_forward_any(Scratch<double>& w, double* lse, int64_t m, int64_t d, int64_t dv, double scale) {
+  pair_forward<double>(w, lse, m, d, dv, scale);
+}
+void pair_backward_any(Scratch<float>& w, const float* lse, int64_t m, int64_t d, int64_t dv, float scale) {
+  pair_backward_f32(w, lse, m, d, dv, scale);
+}
+void pair_backward_any(Scratch<double>& w, const double* lse, int64_t m, int64_t d, int64_t dv, double scale) {
+  pair_backward<double>(w, lse, m, d, dv, scale);
+}
+
 template <typename scalar_t>
 void inner_attention_fwd_cpu_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* out,
-                                    at::opmath_type<scalar_t>* lse_ptr, int64_t pairs, int64_t m, int64_t d,
-                                    int64_t dv, double scale_d) {
+                                    at::opmath_type<scalar_t>* lse, int64_t pairs, int64_t m, int64_t d,
+                                    int64_t dv, double scale) {
   using acc_t = at::opmath_type<scalar_t>;
-  const acc_t scale = static_cast<acc_t>(scale_d);
   at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> p(m), o(dv);
+    Scratch<acc_t> w;
+    w.resize(m, d, dv);
     for (int64_t pair = begin; pair < end; ++pair) {
-      const scalar_t* qp = q + pair * m * d;
-      const scalar_t* kp = k + pair * m * d;
-      const scalar_t* vp = v + pair * m * dv;
-      for (int64_t i = 0; i < m; ++i) {
-        acc_t mx = -std::numeric_limits<acc_t>::infinity();
-        for (int64_t j = 0; j < m; ++j) {
-          acc_t s = 0;
-          for (int64_t c = 0; c < d; ++c) s += acc_t(qp[i * d + c]) * acc_t(kp[j * d + c]);
-          p[j] = s * scale;
-          mx = std::max(mx, p[j]);
-        }
-        acc_t sum = 0;
-        for (int64_t j = 0; j < m; ++j) {
-          p[j] = std::exp(p[j] - mx);
-          sum += p[j];
-        }
-        std::fill(o.begin(), o.end(), acc_t(0));
-        for (int64_t j = 0; j < m; ++j)
-          for (int64_t c = 0; c < dv; ++c) o[c] += p[j] * acc_t(vp[j * dv + c]);
-        const acc_t inv = acc_t(1) / sum;
-        for (int64_t c = 0; c < dv; ++c) out[(pair * m + i) * dv + c] = static_cast<scalar_t>(o[c] * inv);
-        lse_ptr[pair * m + i] = mx + std::log(sum);
-      }
+      load(q + pair * m * d, w.q.data(), m, d, false);
+      load(k + pair * m * d, w.kt.data(), m, d, true);
+      load(v + pair * m * dv, w.vt.data(), m, dv, true);
+      pair_forward_any(w, lse + pair * m, m, d, dv, static_cast<acc_t>(scale));
+      scalar_t* o = out + pair * m * dv;
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t c = 0; c < dv; ++c) o[i * dv + c] = static_cast<scalar_t>(w.o[c * m + i]);
     }
   });
 }
@@ -57,47 +214,27 @@ void inner_attention_fwd_cpu_kernel(const scalar_t* q, const scalar_t* k, const 
 template <typename scalar_t>
 void inner_attention_bwd_cpu_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k, const scalar_t* v,
                                     const scalar_t* out, const at::opmath_type<scalar_t>* lse, scalar_t* dq,
-                                    scalar_t* dk, scalar_t* dv_ptr, int64_t pairs, int64_t m, int64_t d, int64_t dv,
-                                    double scale_d) {
+                                    scalar_t* dk, scalar_t* dv_out, int64_t pairs, int64_t m, int64_t d, int64_t dv,
+                                    double scale) {
   using acc_t = at::opmath_type<scalar_t>;
-  const acc_t scale = static_cast<acc_t>(scale_d);
   at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> dq_acc(m * d), dk_acc(m * d), dv_acc(m * dv);
+    Scratch<acc_t> w;
+    w.resize(m, d, dv);
     for (int64_t pair = begin; pair < end; ++pair) {
-      const scalar_t* qp = q + pair * m * d;
-      const scalar_t* kp = k + pair * m * d;
-      const scalar_t* vp = v + pair * m * dv;
-      const scalar_t* op = out + pair * m * dv;
-      const scalar_t* gp = dout + pair * m * dv;
-      std::fill(dq_acc.begin(), dq_acc.end(), acc_t(0));
-      std::fill(dk_acc.begin(), dk_acc.end(), acc_t(0));
-      std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
+      load(q + pair * m * d, w.q.data(), m, d, false);
+      load(k + pair * m * d, w.kt.data(), m, d, true);
+      load(v + pair * m * dv, w.vt.data(), m, dv, true);
+      load(dout + pair * m * dv, w.g.data(), m, dv, false);
+      load(dout + pair * m * dv, w.gt.data(), m, dv, true);
+      load(out + pair * m * dv, w.o.data(), m, dv, true);
+      pair_backward_any(w, lse + pair * m, m, d, dv, static_cast<acc_t>(scale));
       for (int64_t i = 0; i < m; ++i) {
-        // D_i = Σ_j P_ij dP_ij = dO_i · O_i
-        acc_t Di = 0;
-        for (int64_t c = 0; c < dv; ++c) Di += acc_t(gp[i * dv + c]) * acc_t(op[i * dv + c]);
-        const acc_t lse_i = lse[pair * m + i];
-        for (int64_t j = 0; j < m; ++j) {
-          acc_t s = 0;
-          for (int64_t c = 0; c < d; ++c) s += acc_t(qp[i * d + c]) * acc_t(kp[j * d + c]);
-          const acc_t pij = std::exp(s * scale - lse_i);
-          acc_t dpij = 0;
-          for (int64_t c = 0; c < dv; ++c) {
-            dpij += acc_t(gp[i * dv + c]) * acc_t(vp[j * dv + c]);
-            dv_acc[j * dv + c] += pij * acc_t(gp[i * dv + c]);
-          }
-          const acc_t dsij = pij * (dpij - Di) * scale;
-          for (int64_t c = 0; c < d; ++c) {
-            dq_acc[i * d + c] += dsij * acc_t(kp[j * d + c]);
-            dk_acc[j * d + c] += dsij * acc_t(qp[i * d + c]);
-          }
+        for (int64_t c = 0; c < d; ++c) {
+          dq[(pair * m + i) * d + c] = static_cast<scalar_t>(w.dqt[c * m + i]);
+          dk[(pair * m + i) * d + c] = static_cast<scalar_t>(w.dkt[c * m + i]);
         }
+        for (int64_t c = 0; c < dv; ++c) dv_out[(pair * m + i) * dv + c] = static_cast<scalar_t>(w.dvt[c * m + i]);
       }
-      for (int64_t x = 0; x < m * d; ++x) {
-        dq[pair * m * d + x] = static_cast<scalar_t>(dq_acc[x]);
-        dk[pair * m * d + x] = static_cast<scalar_t>(dk_acc[x]);
-      }
-      for (int64_t x = 0; x < m * dv; ++x) dv_ptr[pair * m * dv + x] = static_cast<scalar_t>(dv_acc[x]);
     }
   });
 }
@@ -128,7 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> inner_attention_backward_cpu(
                    v = v_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
   const int64_t S = q.size(0), H = q.size(1), m = q.size(2), d = q.size(3), dv = v.size(3);
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dvt = at::empty_like(v);
-  if (S * H * m == 0) return {dq.zero_(), dk.zero_(), dvt.zero_()};
+  if (S * H * m == 0) return {dq, dk, dvt};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "inner_attention_backward_cpu", [&] {
     inner_attention_bwd_cpu_kernel<scalar_t>(
         g.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),

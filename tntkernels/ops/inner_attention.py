@@ -89,6 +89,9 @@ def _compiled(q, k, v, scale):
 _IMPLEMENTED = {"reference": inner_attention_ref, "cpu": _compiled, "cuda": _compiled}
 _PREFERENCE = {"cpu": ("cpu",), "cuda": ("cuda",)}
 MAX_CUDA_HEAD_DIM = 64  # the CUDA C++ kernels keep a row of q / out in registers
+# backend=None on CPU uses the C++ op up to this head_dim (TNT's inner 6 / 10 and RTNT's letters);
+# above it, measured on a 2-core x86 machine (d = 32, m = 17), the reference's batched GEMMs win.
+MAX_AUTO_CPU_HEAD_DIM = 16
 
 
 def inner_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
@@ -100,8 +103,8 @@ def inner_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
             (words), d head_dim of queries and keys, dv of values. float16, bfloat16, float32 or
             float64, one device; any strides (permuted views of the qk / v Linear outputs are fine).
         scale: float, default d ** -0.5.
-        backend: None (best available for the device, or TNTKERNELS_BACKEND), "reference", "cpu",
-            "cuda" or "triton".
+        backend: None (best available for the device and shape, or TNTKERNELS_BACKEND: on CPU the
+            C++ op for head_dim ≤ 16, the reference above), "reference", "cpu", "cuda" or "triton".
     Returns:
         (S, H, m, dv), dtype of q. Differentiable with respect to q, k and v.
     Raises:
@@ -125,6 +128,8 @@ def inner_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     if scale is None:
         scale = q.shape[-1] ** -0.5
     name = _backend.resolve(op, backend, q.device, _IMPLEMENTED, _PREFERENCE)
+    if name == "cpu" and backend is None and max(q.shape[-1], v.shape[-1]) > MAX_AUTO_CPU_HEAD_DIM:
+        name = "reference"  # wider heads: PyTorch's batched GEMMs beat the C++ op (benchmarks/)
     if name == "cuda" and max(q.shape[-1], v.shape[-1]) > MAX_CUDA_HEAD_DIM:
         if backend is None:
             name = "reference"
