@@ -96,7 +96,8 @@ def test_digits_shapes_split_and_normalization():
     assert_normalized(train)
     d = load_digits()
     _, _, y_tr, y_te = train_test_split(d.images, d.target, test_size=0.2, random_state=0, stratify=d.target)
-    assert torch.equal(train.tensors[1], torch.from_numpy(y_tr)) and torch.equal(test.tensors[1], torch.from_numpy(y_te))
+    assert torch.equal(train.tensors[1], torch.from_numpy(y_tr))
+    assert torch.equal(test.tensors[1], torch.from_numpy(y_te))
     assert np.bincount(y_te).min() >= 35  # stratified
 
 

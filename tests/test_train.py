@@ -88,6 +88,17 @@ def test_one_epoch_run_writes_metrics_checkpoint_and_summary(tmp_path, capsys):
     assert not list(tmp_path.glob(".*.tmp"))  # no leftovers of the atomic write
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_explicit_backends_train(tmp_path, capsys, backend):
+    from tntkernels import _backend
+
+    if backend == "cpu" and not _backend.cpp_available():
+        pytest.skip("the compiled extension tntkernels._C is not built")
+    rc, out, err = run(TINY + ["--epochs", "1", "--device", "cpu", "--backend", backend, "--out", tmp_path], capsys)
+    assert rc == 0, err
+    assert f"kernels: {backend}" in out and np.isfinite(metrics(tmp_path)[0]["train_loss"])
+
+
 def test_lr_schedule_warms_up_then_decays_to_zero():
     factors = [train._lr_factor(s, 4, 20) for s in range(21)]
     assert factors[:4] == sorted(factors[:4]) and factors[4] == 1.0
@@ -212,6 +223,8 @@ def _write_bad_mnist(root: Path) -> Path:
     (["--lr", "-1"], ["--lr must be > 0"]),
     (["--epochs", "two"], ["invalid int value"]),
     (["--resume", "{tmp}/missing.pt"], ["no checkpoint at"]),
+    (["--device", "cpu", "--backend", "cuda"], ["--backend cuda cannot run on cpu"]),
+    (["--device", "cpu", "--backend", "tpu"], ["invalid choice: 'tpu'"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, fragments):
     bad_mnist = _write_bad_mnist(tmp_path / "bad") if "{bad_mnist}" in argv else None

@@ -1,12 +1,13 @@
 """The training job: `tntkernels-train` / `python -m tntkernels.train`.
 
-    tntkernels-train                                   # tnt_t_patch8_32 on sklearn digits, ≈ 1 min on 2 CPU cores
+    tntkernels-train                          # tnt_t_patch8_32 on sklearn digits, < 2 min on 2 CPU cores
     tntkernels-train --dataset mnist --data-dir ~/data/mnist --epochs 10
-    tntkernels-train --resume                          # continue runs/<model>-<dataset>/checkpoint.pt
+    tntkernels-train --resume                 # continue runs/<model>-<dataset>/checkpoint.pt
 
-AdamW, per-step cosine schedule after a linear warmup, label smoothing, random translation (and
-horizontal flips for CIFAR-10). Each epoch appends one JSON line to DIR/metrics.jsonl and rewrites
-DIR/checkpoint.pt atomically; Ctrl-C finishes the current step, saves, and exits 130.
+AdamW, per-step cosine schedule after a linear warmup, label smoothing, drop-path; random
+translation and horizontal flips for CIFAR-10 (opt-in elsewhere). Each epoch appends one JSON line
+to DIR/metrics.jsonl and rewrites DIR/checkpoint.pt atomically; Ctrl-C finishes the current step,
+saves, and exits 130.
 
 Resuming is exact: the order of epoch e is a permutation drawn from torch.Generator seeded
 seed·1000 + e, and every step reseeds the global RNGs and the augmentation generator from
@@ -43,19 +44,22 @@ from .data import DATASETS, DataError, load_dataset
 PROG = "tntkernels-train"
 CHECKPOINT_FORMAT = "tntkernels-train-checkpoint/1"
 
-# Recipe defaults (tuned so the default command reaches ≥ 95% on digits in about a minute on 2 CPU
-# cores). `None` on the command line means "from the checkpoint when resuming, else this".
+# Recipe defaults, tuned on digits (≈ 97% test accuracy in under two minutes on 2 CPU cores): in
+# that short, data-poor regime small batches (more steps), label smoothing, drop-path and average
+# pooling help, while random translation slows learning more than it regularizes.
+# `None` on the command line means "from the checkpoint when resuming, else this".
 RECIPE_DEFAULTS = {
     "data_dir": None,
-    "epochs": 30,
-    "batch_size": 64,
+    "epochs": 20,
+    "batch_size": 16,
     "lr": 2e-3,
     "weight_decay": 0.05,
-    "warmup_epochs": 1.0,
+    "warmup_epochs": 0.5,
     "label_smoothing": 0.1,
     "drop_path": 0.1,
-    "translate": None,  # img_size // 16 px
-    "hflip": None,  # on for cifar10 only
+    "global_pool": "avg",
+    "translate": None,  # cifar10: img_size // 8 px, else 0
+    "hflip": None,  # cifar10 only
     "img_size": None,  # the model's input size
     "seed": 0,
     "eval_batch_size": 256,
@@ -96,7 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-epochs", type=float, help=f"linear warmup, default {RECIPE_DEFAULTS['warmup_epochs']}")
     p.add_argument("--label-smoothing", type=float, help=f"default {RECIPE_DEFAULTS['label_smoothing']}")
     p.add_argument("--drop-path", type=float, help=f"stochastic depth rate, default {RECIPE_DEFAULTS['drop_path']}")
-    p.add_argument("--translate", type=int, metavar="PX", help="random translation by ±PX pixels (default img_size/16)")
+    p.add_argument("--global-pool", choices=("avg", "token"), help="classifier input: mean of the sentence tokens "
+                   "(default) or the class token")
+    p.add_argument("--translate", type=int, metavar="PX",
+                   help="random translation by ±PX pixels (default: img_size/8 for cifar10, else 0)")
     p.add_argument("--hflip", action=argparse.BooleanOptionalAction, help="random horizontal flips (default: cifar10)")
     p.add_argument("--img-size", type=int, help="default: the model's input size")
     p.add_argument("--seed", type=int, help="default 0")
@@ -128,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointWriteError as exc:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before training started (loading data, building the model): nothing to save
+        print(f"\n{PROG}: interrupted before training started; nothing saved", file=sys.stderr)
+        return 130
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,7 +177,7 @@ def _run(args: argparse.Namespace) -> int:
     train_ds = _limit(train_ds, recipe["limit_train"])
     test_ds = _limit(test_ds, recipe["limit_test"])
     if recipe["translate"] is None:
-        recipe["translate"] = recipe["img_size"] // 16
+        recipe["translate"] = recipe["img_size"] // 8 if args.dataset == "cifar10" else 0
     if recipe["hflip"] is None:
         recipe["hflip"] = args.dataset == "cifar10"
 
@@ -175,7 +185,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         model = models.create_model(args.model, num_classes=info["num_classes"], in_chans=info["in_chans"],
                                     img_size=recipe["img_size"], drop_path_rate=recipe["drop_path"],
-                                    backend=args.backend)
+                                    global_pool=recipe["global_pool"], backend=args.backend)
     except ValueError as exc:
         raise UsageError(f"cannot build {args.model} for {args.dataset} ({info['in_chans']}×{recipe['img_size']}²,"
                          f" {info['num_classes']} classes): {_one_line(exc)}") from None
@@ -191,6 +201,9 @@ def _run(args: argparse.Namespace) -> int:
     if ckpt is not None:
         _restore(ckpt, ckpt_path, model, optimizer, scheduler)
         progress = dict(ckpt["progress"])
+        if progress["step"] > steps_per_epoch:
+            raise UsageError(f"checkpoint {ckpt_path} stopped at step {progress['step']} of an epoch, but this data "
+                             f"gives {steps_per_epoch} steps per epoch; expected the same data as when it was written")
     out.mkdir(parents=True, exist_ok=True)
     _write_history(out / "metrics.jsonl", progress["history"])
 
@@ -230,30 +243,32 @@ class _Run:
                     epoch = p["epoch"]
                     started = time.perf_counter() - p["seconds"]
                     seen_this_run, t_run = 0, time.perf_counter()
-                    bar = tqdm(total=self.steps_per_epoch, initial=p["step"], desc=f"epoch {epoch + 1}/{recipe['epochs']}",
-                               leave=False, dynamic_ncols=True, disable=None)
-                    self.model.train()
-                    for x, y in self._batches(epoch, p["step"]):
-                        x, y = self._augment(x, y, epoch, p["step"])
-                        p["lr"] = self.optimizer.param_groups[0]["lr"]
-                        loss = _train_step(self.model, self.optimizer, self.scheduler, self.criterion, x, y)
-                        p["loss_sum"] += loss * len(y)
-                        p["seen"] += len(y)
-                        p["step"] += 1
-                        p["seconds"] = time.perf_counter() - started
-                        seen_this_run += len(y)
-                        steps_this_run += 1
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{p['loss_sum'] / p['seen']:.4f}",
-                                        img_s=f"{seen_this_run / (time.perf_counter() - t_run):.0f}", refresh=False)
-                        if interrupt.requested:
-                            raise KeyboardInterrupt
-                        if steps_this_run == self.args.stop_after_steps:
-                            bar.close()
-                            path = self._save()
-                            print(f"stopped after {steps_this_run} steps (--stop-after-steps); checkpoint: {path}")
-                            return 0
-                    bar.close()
+                    if interrupt.requested:  # Ctrl-C came during the previous epoch's evaluation or save
+                        raise KeyboardInterrupt
+                    desc = f"epoch {epoch + 1}/{recipe['epochs']}"
+                    with tqdm(total=self.steps_per_epoch, initial=p["step"], desc=desc, leave=False,
+                              dynamic_ncols=True, disable=None) as bar:
+                        self.model.train()
+                        for x, y in self._batches(epoch, p["step"]):
+                            x, y = self._augment(x, y, epoch, p["step"])
+                            p["lr"] = self.optimizer.param_groups[0]["lr"]
+                            loss = _train_step(self.model, self.optimizer, self.scheduler, self.criterion, x, y)
+                            p["loss_sum"] += loss * len(y)
+                            p["seen"] += len(y)
+                            p["step"] += 1
+                            p["seconds"] = time.perf_counter() - started
+                            seen_this_run += len(y)
+                            steps_this_run += 1
+                            bar.update(1)
+                            bar.set_postfix(loss=f"{p['loss_sum'] / p['seen']:.4f}",
+                                            img_s=f"{seen_this_run / (time.perf_counter() - t_run):.0f}", refresh=False)
+                            if interrupt.requested:
+                                raise KeyboardInterrupt
+                            if steps_this_run == self.args.stop_after_steps:
+                                path = self._save()
+                                tqdm.write(f"stopped after {steps_this_run} steps (--stop-after-steps); "
+                                           f"checkpoint: {path}")
+                                return 0
                     test_loss, test_acc = self._evaluate(interrupt)
                     seconds = time.perf_counter() - started
                     train_seconds = p["seconds"]
@@ -293,7 +308,8 @@ class _Run:
         order = torch.randperm(n, generator=_data_order_generator(self.recipe["seed"], epoch))
         index_batches = [order[i:i + bs] for i in range(start_step * bs, n, bs)]
         loader = DataLoader(_BatchView(self.train_ds), sampler=index_batches, batch_size=None,
-                            num_workers=self.args.workers, pin_memory=self.device.type == "cuda")
+                            num_workers=self.args.workers, pin_memory=self.device.type == "cuda",
+                            worker_init_fn=_ignore_sigint if self.args.workers else None)
         for x, y in loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
@@ -410,10 +426,10 @@ def _restore(ckpt: dict, path: Path, model, optimizer, scheduler) -> None:
         model.load_state_dict(ckpt["model_state"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-    except (RuntimeError, ValueError, KeyError) as exc:
+        _set_rng_state(ckpt["rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"checkpoint {path} does not fit {ckpt['model']} as built now ({_one_line(exc)}); "
                          "expected the same model, dataset and recipe") from None
-    _set_rng_state(ckpt["rng"])
 
 
 def _resolve_recipe(args, ckpt: dict | None) -> dict:
@@ -439,7 +455,8 @@ def _resolve_recipe(args, ckpt: dict | None) -> dict:
     check(recipe["warmup_epochs"] >= 0, f"--warmup-epochs must be ≥ 0, got {recipe['warmup_epochs']}")
     check(0 <= recipe["label_smoothing"] < 1, f"--label-smoothing must be in [0, 1), got {recipe['label_smoothing']}")
     check(0 <= recipe["drop_path"] < 1, f"--drop-path must be in [0, 1), got {recipe['drop_path']}")
-    check(recipe["translate"] is None or recipe["translate"] >= 0, f"--translate must be ≥ 0, got {recipe['translate']}")
+    check(recipe["translate"] is None or recipe["translate"] >= 0,
+          f"--translate must be ≥ 0, got {recipe['translate']}")
     check(recipe["img_size"] is None or recipe["img_size"] >= 1, f"--img-size must be ≥ 1, got {recipe['img_size']}")
     for key in ("limit_train", "limit_test"):
         check(recipe[key] is None or recipe[key] >= 1, f"--{key.replace('_', '-')} must be ≥ 1, got {recipe[key]}")
@@ -557,6 +574,11 @@ class _BatchView(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         return tuple(t[index] for t in self.tensors)
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process, which stops them when it is done."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _InterruptFlag:
