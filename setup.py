@@ -106,7 +106,7 @@ def _extension():
     print(f"tntkernels: building the C++ CPU ops and the CUDA kernels for TORCH_CUDA_ARCH_LIST={archs} ({reason})")
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     define_macros += [("TNTKERNELS_WITH_CUDA", None), ("TNTKERNELS_CUDA_ARCHS", f'"{archs}"')]
-    nvcc = ["-O3", "--use_fast_math", "-lineinfo"]
+    nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--threads", os.environ.get("NVCC_THREADS", "2")]
     for inc in _pip_cuda_include_dirs():
         cxx += ["-idirafter", inc]
         nvcc += ["-Xcompiler", "-idirafter", "-Xcompiler", inc]
