@@ -3,8 +3,9 @@
 #   bash scripts/quickstart.sh train [tntkernels-train args...]   train the default TNT on real digits
 #   bash scripts/quickstart.sh test  [pytest args...]             run the test suite
 # Creates .venv (Python >= 3.11), installs torch and the dependencies, builds tntkernels._C with
-# --no-build-isolation (C++ CPU ops, plus the CUDA kernels wherever nvcc is on PATH, GPU or not),
-# then runs the job. Re-running reuses .venv and rebuilds only when csrc/ or setup.py changed.
+# --no-build-isolation (C++ CPU ops, plus the CUDA kernels wherever nvcc is on PATH, GPU or not;
+# `train` on a machine without a GPU builds the CPU ops only), then runs the job. Re-running reuses
+# .venv and rebuilds only when csrc/, setup.py or the build mode changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-}"; shift || true
@@ -22,9 +23,16 @@ if ! python -c "import torch" 2>/dev/null; then
   python -m pip install -q --upgrade pip setuptools wheel
   python -m pip install -q "${TORCH_SPEC:-torch>=2.6}"
 fi
-python -m pip install -q numpy ninja pybind11 tqdm scikit-learn pillow pytest hypothesis "timm>=1.0" expecttest matplotlib build
+python -m pip install -q numpy ninja pybind11 tqdm scikit-learn pillow setuptools wheel
+if [ "$mode" = train ] && ! nvidia-smi > /dev/null 2>&1; then
+  # Training on a machine without a GPU runs the C++ CPU ops only: skip compiling the CUDA kernels
+  # (the test command builds them, GPU or not).
+  export TNTKERNELS_FORCE_CPU="${TNTKERNELS_FORCE_CPU:-1}"
+else
+  python -m pip install -q pytest hypothesis "timm>=1.0" expecttest matplotlib build
+fi
 
-stamp=".venv/.tntkernels-build-$(cat setup.py pyproject.toml csrc/*.cpp csrc/*.h csrc/*/* 2>/dev/null | sha1sum | cut -c1-16)"
+stamp=".venv/.tntkernels-build-$( (cat setup.py pyproject.toml csrc/*.cpp csrc/*.h csrc/*/*; echo "cpu=${TNTKERNELS_FORCE_CPU:-0}") 2>/dev/null | sha1sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || ! python -c "import tntkernels._C" 2>/dev/null; then
   echo "== building tntkernels._C (log: .venv/build.log)"
   if ! MAX_JOBS="${MAX_JOBS:-2}" python -m pip install -v --no-build-isolation --no-deps -e . > .venv/build.log 2>&1; then
