@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from ..nn import Attention, DropPath, Mlp, TNTBlock
-from .tnt import GLOBAL_POOLS, check_image, drop_path_rates, init_weights
+from .tnt import GLOBAL_POOLS, ClassifierHead, check_image, drop_path_rates, init_weights
 
 
 class TokenMerge(nn.Module):
@@ -100,7 +100,7 @@ class RTNTBlock(nn.Module):
         return letters, words, sentences
 
 
-class RTNT(nn.Module):
+class RTNT(ClassifierHead, nn.Module):
     """Recursive TNT: letters inside words inside sentences, one transformer per level.
 
     The image is cut into sentences of `patch_size` px, each sentence into words of `word_size` px,
@@ -219,23 +219,6 @@ class RTNT(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "sentence_pos", "word_pos"} | ({"letter_pos"} if self.has_letters else set())
 
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the head with a fresh Linear(d, num_classes) (Identity when 0)."""
-        if global_pool is not None:
-            if global_pool not in GLOBAL_POOLS:
-                raise ValueError(f"RTNT: global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
-        ref = self.norm.weight
-        self.head = (nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
-                     if num_classes > 0 else nn.Identity())
-        self.head.apply(init_weights)
-        self.head.train(self.training)
-
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Image → (letters (B·N·M, L, c_l) or None, words (B·N, M, c_w)), positions added."""
         B = x.shape[0]
@@ -262,14 +245,3 @@ class RTNT(nn.Module):
         for blk in self.blocks:
             letters, words, sentences = blk(letters, words, sentences)
         return self.norm(sentences)  # (B, N+1, d)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "avg":
-            x = x[:, self.num_prefix_tokens:].mean(dim=1)  # (B, d)
-        elif self.global_pool == "token":
-            x = x[:, 0]  # (B, d)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))

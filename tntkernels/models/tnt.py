@@ -52,6 +52,48 @@ def drop_path_rates(drop_path_rate: float, depth: int) -> list[float]:
     return torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
 
 
+class ClassifierHead:
+    """The timm classifier interface shared by TNT and RTNT: pooling of the sentence tokens, head
+    dropout, `head`, `get_classifier` / `reset_classifier`, `forward_head` and `forward`.
+
+    The model sets `embed_dim`, `num_prefix_tokens`, `global_pool`, `num_classes`, `head_drop`,
+    `head`, `norm` and `pretrained_cfg`, and defines `forward_features(x) → (B, N + 1, d)`.
+    """
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head with a fresh Linear(d, num_classes) (Identity when 0), init as at construction.
+
+        Raises ValueError when global_pool is not one of "", "token", "avg".
+        """
+        if global_pool is not None:
+            if global_pool not in GLOBAL_POOLS:
+                raise ValueError(f"{type(self).__name__}: global_pool must be one of {GLOBAL_POOLS}, "
+                                 f"got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
+        ref = self.norm.weight
+        self.head = (nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
+                     if num_classes > 0 else nn.Identity())
+        self.head.apply(init_weights)
+        self.head.train(self.training)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Sentence tokens (B, N + 1, d) → logits (B, K), or pooled features (B, d) if pre_logits."""
+        if self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens:].mean(dim=1)  # (B, d)
+        elif self.global_pool == "token":
+            x = x[:, 0]  # (B, d)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
 class PixelEmbed(nn.Module):
     """Official TNT pixel embedding: sentences (p×p patches) → words of width c.
 
@@ -89,7 +131,7 @@ class PixelEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B·N, s_h·s_w, c)
 
 
-class TNT(nn.Module):
+class TNT(ClassifierHead, nn.Module):
     """Transformer in Transformer, drop-in for timm's `TNT` (non-legacy), running on our kernels.
 
     Args (as timm):
@@ -174,23 +216,6 @@ class TNT(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"patch_pos", "pixel_pos", "cls_token"}
 
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the head with a fresh Linear(d, num_classes) (Identity when 0), init as at construction."""
-        if global_pool is not None:
-            if global_pool not in GLOBAL_POOLS:
-                raise ValueError(f"TNT: global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
-        ref = self.norm.weight
-        self.head = (nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
-                     if num_classes > 0 else nn.Identity())
-        self.head.apply(init_weights)
-        self.head.train(self.training)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         check_image("TNT", x, self.input_size)
         B = x.shape[0]
@@ -201,14 +226,3 @@ class TNT(nn.Module):
         for blk in self.blocks:
             words, sentences = blk(words, sentences)
         return self.norm(sentences)  # (B, N+1, d)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "avg":
-            x = x[:, self.num_prefix_tokens:].mean(dim=1)  # (B, d)
-        elif self.global_pool == "token":
-            x = x[:, 0]  # (B, d)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
