@@ -1,0 +1,34 @@
+"""Smoke runs of the benchmark scripts on CPU: they run end to end and write what they promise."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+from tntkernels import _backend
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_inner_attention_smoke(tmp_path):
+    pytest.importorskip("timm")
+    out = tmp_path / "cpu.json"
+    load("bench_inner_attention").main(["--device", "cpu", "--quick", "--batch", "1", "--shapes", "tnt_s",
+                                        "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["meta"]["torch"] and data["meta"]["commit"] is not None
+    impls = {(r["what"], r["impl"]) for r in data["rows"]}
+    assert {("attention", "timm_eager"), ("attention", "sdpa"), ("inner_block", "timm_eager")} <= impls
+    if _backend.cpp_available():
+        assert ("attention", "ours_cpu") in impls and ("inner_block", "ours_cpu") in impls
+    assert all(r["median_ms"] > 0 for r in data["rows"] if r["impl"] in ("timm_eager", "ours_cpu"))
+    assert {r["pass_"] for r in data["rows"]} == {"fwd", "bwd", "fwd+bwd"}
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "cpu.png").stat().st_size > 0
