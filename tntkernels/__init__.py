@@ -4,6 +4,7 @@ Public API:
     inner_attention, nested_attention, hsim_split_linear     — functional ops with `backend=`
     inner_attention_ref, nested_attention_ref, hsim_split_linear_ref — pure-PyTorch references
     tntkernels.nn      — drop-in modules (Attention, TNTBlock)
+    swap_in            — patch a timm TNT model in place onto those modules (`swap_in(model)`)
     tntkernels.models  — TNT, RTNT and `create_model(name, **kwargs)`
 """
 __version__ = "0.1.0"
@@ -17,10 +18,12 @@ from .ops import (  # noqa: E402
     nested_attention,
     nested_attention_ref,
 )
+from .swap import swap_in  # noqa: E402
 
 __all__ = [
     "__version__",
     "inner_attention", "inner_attention_ref",
     "nested_attention", "nested_attention_ref",
     "hsim_split_linear", "hsim_split_linear_ref",
+    "swap_in",
 ]
