@@ -48,6 +48,31 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _setup_context(ctx, inputs, output):
+    """Autograd context of every (q, k, v, scale) -> (out, lse) op: lse carries no gradient."""
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+
+
+def _backward_with(backward_op):
+    """Autograd backward calling backward_op(grad_out, q, k, v, out, lse, scale) -> (dq, dk, dv)."""
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            return None, None, None, None
+        if torch.is_grad_enabled():
+            # create_graph=True (double backward): differentiate the reference formula instead, so
+            # second-order gradients are exact rather than silently missing.
+            grads = torch.autograd.grad(inner_attention_ref(q, k, v, ctx.scale), (q, k, v), grad_out,
+                                        create_graph=True, allow_unused=True)
+            return (*grads, None)
+        return (*backward_op(grad_out, q, k, v, out, lse, ctx.scale), None)
+    return backward
+
+
 if _backend.cpp_available():
     @torch.library.register_fake("tntkernels::inner_attention")
     def _inner_attention_fake(q, k, v, scale):
@@ -60,28 +85,10 @@ if _backend.cpp_available():
     def _inner_attention_backward_fake(grad_out, q, k, v, out, lse, scale):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
-    def _setup_context(ctx, inputs, output):
-        q, k, v, scale = inputs
-        out, lse = output
-        ctx.mark_non_differentiable(lse)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale = scale
-
-    def _backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        if grad_out is None:
-            return None, None, None, None
-        if torch.is_grad_enabled():
-            # create_graph=True (double backward): differentiate the reference formula instead, so
-            # second-order gradients are exact rather than silently missing.
-            grads = torch.autograd.grad(inner_attention_ref(q, k, v, ctx.scale), (q, k, v), grad_out,
-                                        create_graph=True, allow_unused=True)
-            return (*grads, None)
-        dq, dk, dv = torch.ops.tntkernels.inner_attention_backward(
-            grad_out.contiguous(), q, k, v, out, lse, ctx.scale)
-        return dq, dk, dv, None
-
-    torch.library.register_autograd("tntkernels::inner_attention", _backward, setup_context=_setup_context)
+    torch.library.register_autograd(
+        "tntkernels::inner_attention",
+        _backward_with(lambda g, *saved: torch.ops.tntkernels.inner_attention_backward(g.contiguous(), *saved)),
+        setup_context=_setup_context)
 
 
 def _compiled(q, k, v, scale):
@@ -305,27 +312,8 @@ def _inner_attention_triton_backward_fake(grad_out, q, k, v, out, lse, scale):
     return q.new_empty((S, H, m, d)), q.new_empty((S, H, m, d)), q.new_empty((S, H, m, v.shape[-1]))
 
 
-def _triton_setup_context(ctx, inputs, output):
-    q, k, v, scale = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.scale = scale
-
-
-def _triton_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    if grad_out is None:
-        return None, None, None, None
-    if torch.is_grad_enabled():  # double backward: differentiate the reference formula instead
-        grads = torch.autograd.grad(inner_attention_ref(q, k, v, ctx.scale), (q, k, v), grad_out,
-                                    create_graph=True, allow_unused=True)
-        return (*grads, None)
-    dq, dk, dv = _inner_attention_triton_backward_op(grad_out, q, k, v, out, lse, ctx.scale)
-    return dq, dk, dv, None
-
-
-_inner_attention_triton_op.register_autograd(_triton_backward, setup_context=_triton_setup_context)
+_inner_attention_triton_op.register_autograd(_backward_with(_inner_attention_triton_backward_op),
+                                             setup_context=_setup_context)
 
 
 def _triton(q, k, v, scale):
