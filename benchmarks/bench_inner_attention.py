@@ -8,7 +8,8 @@ divided by the measured device-to-device copy bandwidth).
 Attention candidates: timm eager (materialized logits), F.scaled_dot_product_attention,
 torch.compile of timm eager (default, max-autotune-no-cudagraphs), FlexAttention (compiled, where it
 compiles), ours (every backend available: cuda, triton; cpu on CPU).
-Inner sub-block (LN → attn → residual → LN → MLP → residual): timm eager, torch.compile(timm), ours.
+Inner sub-block (LN → attn → residual → LN → MLP → residual): timm eager, torch.compile(timm), ours
+(our attention inside the modules, and the whole sub-block as one fused Triton kernel).
 
     python benchmarks/bench_inner_attention.py                        # GPU: the full sweep
     python benchmarks/bench_inner_attention.py --device cpu --quick   # smoke run on CPU
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tntkernels  # noqa: E402
 from tntkernels import _backend, inner_attention  # noqa: E402
-from tntkernels.nn import Attention, Mlp  # noqa: E402
+from tntkernels.nn import Attention, Mlp, fused_inner_sublayer  # noqa: E402
 
 SHAPES = {"tnt_s": dict(dim=24, heads=4, words=16), "tnt_b": dict(dim=40, heads=4, words=16)}
 
@@ -139,14 +140,21 @@ def attention_bytes(S, H, m, d, elem, pas):
 # ------------------------------------------------------------------ inner sub-block candidates
 
 class InnerBlock(nn.Module):
-    """TNT's word-level sub-block: x + attn(LN(x)), then + MLP(LN(x)) (timm names)."""
+    """TNT's word-level sub-block: x + attn(LN(x)), then + MLP(LN(x)) (timm names). fused=True runs
+    it as tntkernels' one fused Triton kernel (`fused_inner_sublayer`) and fails if that cannot run."""
 
-    def __init__(self, dim, heads, attn: nn.Module):
+    def __init__(self, dim, heads, attn: nn.Module, fused: bool = False):
         super().__init__()
         self.norm_in, self.attn_in = nn.LayerNorm(dim), attn
         self.norm_mlp_in, self.mlp_in = nn.LayerNorm(dim), Mlp(dim, 4 * dim, dim)
+        self.fused = fused
 
     def forward(self, x):
+        if self.fused:
+            y = fused_inner_sublayer(x, self.norm_in, self.attn_in, self.norm_mlp_in, self.mlp_in, nn.Identity())
+            if y is None:
+                raise RuntimeError("the fused inner block does not apply here")
+            return y
         x = x + self.attn_in(self.norm_in(x))
         return x + self.mlp_in(self.norm_mlp_in(x))
 
@@ -164,6 +172,9 @@ def block_candidates(dim, heads, device, dtype, quick):
     for name in ("cuda", "triton", "cpu"):
         if _backend.why_unavailable(name, device) is None and name in _implemented():
             yield f"ours_{name}", InnerBlock(dim, heads, Attention(dim, dim, num_heads=heads, backend=name)).to(device, dtype)
+    if _backend.why_unavailable("triton", device) is None:
+        yield "ours_fused_triton", InnerBlock(dim, heads, Attention(dim, dim, num_heads=heads, backend="triton"),
+                                              fused=True).to(device, dtype)
 
 
 # ------------------------------------------------------------------ driver

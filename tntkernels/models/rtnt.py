@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 from ..nn import Attention, DropPath, Mlp, TNTBlock
+from ..nn.block import fused_inner_sublayer
 from .tnt import GLOBAL_POOLS, ClassifierHead, check_image, drop_path_rates, init_weights
 
 
@@ -52,6 +53,9 @@ class LetterLayer(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = fused_inner_sublayer(x, self.norm1, self.attn, self.norm2, self.mlp, self.drop_path)
+        if fused is not None:  # one Triton kernel, as TNT's word level
+            return fused
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 

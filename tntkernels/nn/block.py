@@ -4,8 +4,75 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..ops.inner_block import fused_available, inner_block
 from .attention import Attention
 from .layers import DropPath, Mlp
+
+
+def _plain_layer_norm(m: nn.Module, C: int) -> bool:
+    return (type(m) is nn.LayerNorm and tuple(m.normalized_shape) == (C,) and m.weight is not None
+            and m.bias is not None)
+
+
+def _inactive(dropout: nn.Module) -> bool:
+    return not dropout.training or float(getattr(dropout, "p", 0.0)) == 0.0
+
+
+def _drop_path_scale(drop_path: nn.Module, S: int, device: torch.device) -> torch.Tensor | None:
+    """DropPath's per-sample factor (mask / keep_prob) as an (S,) float32 tensor; None when inactive."""
+    if isinstance(drop_path, DropPath) and drop_path.training and drop_path.drop_prob > 0:
+        keep = 1.0 - drop_path.drop_prob
+        return torch.empty(S, device=device, dtype=torch.float32).bernoulli_(keep).div_(keep)
+    return None
+
+
+def fused_inner_sublayer(x: torch.Tensor, norm1: nn.Module, attn: nn.Module, norm2: nn.Module, mlp: nn.Module,
+                         drop_path: nn.Module) -> torch.Tensor | None:
+    """x + drop_path(attn(norm1(x))), then + drop_path(mlp(norm2(·))), through the fused Triton kernel
+    `tntkernels.ops.inner_block.inner_block` when it applies, else None (run the modules).
+
+    It applies when `attn.backend` (or TNTKERNELS_BACKEND, for None) resolves to the fused kernel
+    for x, the modules are the plain ones (nn.LayerNorm with affine, our Attention with
+    hidden_dim = C and the default scale, an MLP fc1 → exact GELU → fc2 with biases), dropout is
+    off (p = 0 or eval), and DropPath is ours or Identity. Under autocast the parameters and GEMMs
+    use the autocast dtype and the residual stream keeps x's dtype, as autocast itself would.
+    """
+    if x.dim() != 3 or not isinstance(attn, Attention) or not isinstance(drop_path, (DropPath, nn.Identity)):
+        return None
+    S, m, C = x.shape
+    if attn.hidden_dim != C or attn.scale != attn.head_dim ** -0.5 or attn.qk.in_features != C:
+        return None
+    if not (_plain_layer_norm(norm1, C) and _plain_layer_norm(norm2, C)):
+        return None
+    if not (_inactive(attn.attn_drop) and _inactive(attn.proj_drop)):
+        return None
+    parts = [getattr(mlp, n, None) for n in ("fc1", "act", "drop1", "fc2", "drop2")]
+    if any(p is None for p in parts) or not isinstance(mlp.fc1, nn.Linear) or not isinstance(mlp.fc2, nn.Linear):
+        return None
+    if (type(mlp.act) is not nn.GELU or mlp.act.approximate != "none" or mlp.fc1.bias is None
+            or mlp.fc2.bias is None or not (_inactive(mlp.drop1) and _inactive(mlp.drop2))
+            or not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity)):
+        return None
+    compute = x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        compute = torch.get_autocast_dtype(x.device.type)
+        if compute != x.dtype and x.dtype != torch.float32:
+            return None
+    if not fused_available(x, C, mlp.fc1.out_features, attn.num_heads, attn.backend):
+        return None
+    params = {
+        "norm_in.weight": norm1.weight, "norm_in.bias": norm1.bias,
+        "attn_in.qk.weight": attn.qk.weight, "attn_in.qk.bias": attn.qk.bias,
+        "attn_in.v.weight": attn.v.weight, "attn_in.v.bias": attn.v.bias,
+        "attn_in.proj.weight": attn.proj.weight, "attn_in.proj.bias": attn.proj.bias,
+        "norm_mlp_in.weight": norm2.weight, "norm_mlp_in.bias": norm2.bias,
+        "mlp_in.fc1.weight": mlp.fc1.weight, "mlp_in.fc1.bias": mlp.fc1.bias,
+        "mlp_in.fc2.weight": mlp.fc2.weight, "mlp_in.fc2.bias": mlp.fc2.bias,
+    }
+    s_attn = _drop_path_scale(drop_path, S, x.device)
+    scales = None if s_attn is None else (s_attn, _drop_path_scale(drop_path, S, x.device))
+    return inner_block(x, params, num_heads=attn.num_heads, eps=(norm1.eps, norm2.eps), drop_path_scales=scales,
+                           compute_dtype=compute, backend="triton")
 
 
 class TNTBlock(nn.Module):
@@ -17,7 +84,9 @@ class TNTBlock(nn.Module):
         mlp_ratio: outer MLP hidden = d · mlp_ratio (the inner MLP is always 4c, as in timm).
         qkv_bias, proj_drop, attn_drop, drop_path, act_layer, norm_layer: as timm.
         legacy: timm's legacy word→sentence projection (LN(c) → Linear(m·c, d, bias)).
-        backend: forwarded to both attentions.
+        backend: forwarded to both attentions; the inner sub-block (norm_in → attn_in → norm_mlp_in →
+            mlp_in) runs as one fused Triton kernel when the inner attention's backend resolves to
+            "triton" and the kernel covers the shape (`fused_inner_sublayer`).
     Shapes:
         forward(pixel_embed (B·N, m, c), patch_embed (B, N + 1, d)) →
             (pixel_embed (B·N, m, c), patch_embed (B, N + 1, d)); the class token (index 0) gets no
@@ -54,9 +123,14 @@ class TNTBlock(nn.Module):
         self.mlp = Mlp(dim_out, int(dim_out * mlp_ratio), dim_out, act_layer=act_layer, drop=proj_drop, **dd)
 
     def forward(self, pixel_embed: torch.Tensor, patch_embed: torch.Tensor):
-        # inner: words of every sentence
-        pixel_embed = pixel_embed + self.drop_path(self.attn_in(self.norm_in(pixel_embed)))
-        pixel_embed = pixel_embed + self.drop_path(self.mlp_in(self.norm_mlp_in(pixel_embed)))
+        # inner: words of every sentence (one fused kernel where available)
+        fused = fused_inner_sublayer(pixel_embed, self.norm_in, self.attn_in, self.norm_mlp_in, self.mlp_in,
+                                     self.drop_path)
+        if fused is not None:
+            pixel_embed = fused
+        else:
+            pixel_embed = pixel_embed + self.drop_path(self.attn_in(self.norm_in(pixel_embed)))
+            pixel_embed = pixel_embed + self.drop_path(self.mlp_in(self.norm_mlp_in(pixel_embed)))
         # words → sentences
         B, N, _ = patch_embed.shape
         if self.norm2_proj is None:

@@ -1,0 +1,436 @@
+"""The fused TNT inner sub-block: reference vs timm, Triton kernels under the interpreter (2×-PyTorch
+rule, forward and every gradient), determinism, TNTBlock / RTNT using it, AOT compilation, errors.
+
+As in test_inner_attention_triton.py, the interpreter checks run this file as a script in a
+subprocess with TRITON_INTERPRET=1 (`_worker`) and compare what it saved against fp64 oracles here.
+"""
+import importlib
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+if __name__ != "__main__":
+    from conftest import assert_2x_pytorch
+
+ib = importlib.import_module("tntkernels.ops.inner_block")  # the module (tntkernels.ops exports the function)
+
+# (S, m, C, H, qkv_bias, drop_path, layout). S = 13 with m = 16: 4 forward groups, 7 backward groups
+# over 3 programs, the last group short. "t": x is a transposed (m, S, C) buffer (strided rows).
+CASES = [
+    (13, 16, 24, 4, False, False, "c"),  # TNT-S inner: C 24, 4 heads of 6
+    (5, 16, 40, 4, True, True, "t"),     # TNT-B inner: C 40, head_dim 10, qkv bias, drop-path
+    (3, 9, 20, 2, False, True, "c"),     # m 9, head_dim 10
+    (2, 49, 12, 3, True, False, "t"),    # m 49 (BLOCK_R 64, one sentence per group)
+    (9, 4, 8, 1, False, True, "c"),      # RTNT letters: m 4, C 8, one head
+    (3, 1, 6, 2, False, False, "c"),     # m 1
+]
+# (x dtype, compute dtype, floor)
+DTYPES = {"float32": (torch.float32, torch.float32, 1e-5), "float16": (torch.float16, torch.float16, 1e-3),
+          "f32+f16": (torch.float32, torch.float16, 1e-3)}
+
+
+def make_inputs(S, m, C, H, qkv_bias, drop_path, layout, dtype, seed=0, hidden=None):
+    """x (S, m, C), params (timm names), dy, drop-path scales; LN weights near 1, small random biases."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = hidden or 4 * C
+    params = {}
+    for name, shape in ib._param_shapes(C, hidden).items():
+        if name in ib.OPTIONAL_PARAMS and not qkv_bias:
+            continue
+        t = torch.randn(shape, generator=g, dtype=torch.float64) * (C ** -0.5 if len(shape) == 2 else 0.1)
+        if name.startswith("norm") and name.endswith("weight"):
+            t = t + 1.0
+        params[name] = t.to(dtype)
+    if layout == "t":
+        x = torch.randn(m, S, C, generator=g, dtype=torch.float64).to(dtype).transpose(0, 1)
+    else:
+        x = torch.randn(S, m, C, generator=g, dtype=torch.float64).to(dtype)
+    dy = torch.randn(S, m, C, generator=g, dtype=torch.float64).to(dtype)
+    scales = None
+    if drop_path:  # DropPath with keep 0.75: 0 or 1/0.75 per sentence
+        scales = tuple((torch.rand(S, generator=g) < 0.75).float() / 0.75 for _ in range(2))
+    return x, params, dy, scales
+
+
+def run_block(x, params, dy, scales, H, backend, compute=None):
+    """y and the gradients (x first, then params in their order) through the public `inner_block`."""
+    leaves = [x.detach().clone().requires_grad_()] + [p.detach().clone().requires_grad_() for p in params.values()]
+    named = dict(zip(params, leaves[1:]))
+    y = ib.inner_block(leaves[0], named, num_heads=H, drop_path_scales=scales, compute_dtype=compute,
+                       backend=backend)
+    grads = torch.autograd.grad(y, leaves, dy.to(y.dtype))
+    return [y.detach()] + [g.detach() for g in grads]
+
+
+def _tnt_blocks(C, m, H, seed):
+    from tntkernels.nn import TNTBlock
+    torch.manual_seed(seed)
+    fused = TNTBlock(C, 48, m, num_heads_in=H, num_heads_out=4, drop_path=0.2, backend="triton")
+    plain = TNTBlock(C, 48, m, num_heads_in=H, num_heads_out=4, drop_path=0.2, backend="reference")
+    with torch.no_grad():
+        for p in fused.parameters():
+            p.normal_(0, 0.2)
+    plain.load_state_dict(fused.state_dict())
+    return fused, plain
+
+
+def _block_outputs(block, words, sentences, seed):
+    torch.manual_seed(seed)
+    words, sentences = words.clone().requires_grad_(), sentences.clone().requires_grad_()
+    w, s = block(words, sentences)
+    (w.square().sum() + s.square().sum()).backward()
+    return [w.detach(), s.detach(), words.grad, sentences.grad] + [p.grad.clone() for p in block.parameters()]
+
+
+def _worker(out_path):
+    """Run under TRITON_INTERPRET=1: every case and dtype twice; TNTBlock fused vs modules; opcheck."""
+    calls = {"fwd": 0, "bwd": 0}
+    fwd, bwd = ib.inner_block_forward, ib.inner_block_backward
+
+    def counting_fwd(*a):
+        calls["fwd"] += 1
+        return fwd(*a)
+
+    def counting_bwd(*a):
+        calls["bwd"] += 1
+        return bwd(*a)
+
+    ib.inner_block_forward, ib.inner_block_backward = counting_fwd, counting_bwd
+    results = {}
+    for dname, (dtype, compute, _) in DTYPES.items():
+        for i, case in enumerate(CASES):
+            x, params, dy, scales = make_inputs(*case, dtype, seed=i)
+            H = case[3]
+            results[(dname, i)] = (run_block(x, params, dy, scales, H, "triton", compute),
+                                   run_block(x, params, dy, scales, H, "triton", compute))
+    # TNTBlock: fused inner sub-block vs the module path, train mode (drop-path draws alike)
+    words, sentences = torch.randn(2 * 4, 16, 24), torch.randn(2, 5, 48)
+    fused, plain = _tnt_blocks(24, 16, 4, seed=0)
+    before = dict(calls)
+    for block in (fused, plain):
+        block.eval()
+    results["tnt_eval"] = (_block_outputs(fused, words, sentences, 1), _block_outputs(plain, words, sentences, 1))
+    for block in (fused, plain):
+        block.train()
+    results["tnt_train"] = (_block_outputs(fused, words, sentences, 2), _block_outputs(plain, words, sentences, 2))
+    results["tnt_calls"] = (calls["fwd"] - before["fwd"], calls["bwd"] - before["bwd"])
+    # RTNT: its letter layers and word level take the fused path too
+    from tntkernels.models import create_model
+    torch.manual_seed(0)
+    rtnt = create_model("rtnt_n_patch8_32", num_classes=10, backend="triton").eval()
+    images = torch.randn(2, 1, 32, 32)
+    before = dict(calls)
+    logits = rtnt(images)
+    results["rtnt_calls"] = calls["fwd"] - before["fwd"]
+    ref = create_model("rtnt_n_patch8_32", num_classes=10, backend="reference").eval()
+    ref.load_state_dict(rtnt.state_dict())
+    results["rtnt"] = (logits.detach(), ref(images).detach())
+    # double backward (create_graph=True) differentiates the reference: compare with it
+    x, params, dy, scales = make_inputs(3, 4, 8, 2, True, True, "c", torch.float32, seed=5)
+    second = []
+    for backend in ("triton", "reference"):
+        leaves = [x.clone().requires_grad_()] + [p.clone().requires_grad_() for p in params.values()]
+        y = ib.inner_block(leaves[0], dict(zip(params, leaves[1:])), num_heads=2, drop_path_scales=scales,
+                           backend=backend)
+        (gx,) = torch.autograd.grad(y, leaves[0], dy, create_graph=True)
+        second.append(torch.autograd.grad(gx.square().sum(), leaves))
+    results["double_backward"] = second
+    # opcheck of the custom op (no grad and with grad)
+    x, params, _, _ = make_inputs(2, 4, 8, 2, True, False, "t", torch.float32, seed=7)
+    plist = [params[n].contiguous() for n in ib.PARAM_NAMES]  # float32: LayerNorm ones must be
+    ones = torch.ones(2)
+    torch.library.opcheck(torch.ops.tntkernels.inner_block_triton, (x, plist, ones, ones * 0.5, 2, 1e-5, 1e-6))
+    plist = [p.requires_grad_() for p in plist]
+    torch.library.opcheck(torch.ops.tntkernels.inner_block_triton,
+                          (x.requires_grad_(), plist, ones, ones * 0.5, 2, 1e-5, 1e-6))
+    results["opcheck"] = True
+    torch.save(results, out_path)
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    path = tmp_path_factory.mktemp("inner_block_interp") / "results.pt"
+    env = dict(os.environ, TRITON_INTERPRET="1", TNTKERNELS_BACKEND="")
+    proc = subprocess.run([sys.executable, __file__, str(path)], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, f"interpreter worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return torch.load(path)
+
+
+def _oracles(case, dtype, compute, seed):
+    """(fp64 exact, PyTorch in the same dtypes) outputs and gradients for one case."""
+    x, params, dy, scales = make_inputs(*case, dtype, seed=seed)
+    H = case[3]
+    exact = run_block(x.double(), {n: p.double() for n, p in params.items()}, dy.double(), scales, H, "reference")
+    pytorch = run_block(x, params, dy, scales, H, "reference", compute)
+    return exact, pytorch, ["y", "dx"] + list(params)
+
+
+@pytest.mark.parametrize("dname", list(DTYPES))
+@pytest.mark.parametrize("idx", range(len(CASES)),
+                         ids=[f"S{c[0]}m{c[1]}C{c[2]}H{c[3]}{'bias' if c[4] else ''}{'dp' if c[5] else ''}{c[6]}"
+                              for c in CASES])
+def test_interpreter_forward_and_all_grads_2x_rule(interpreted, idx, dname):
+    dtype, compute, floor = DTYPES[dname]
+    ours, _ = interpreted[(dname, idx)]
+    exact, pytorch, names = _oracles(CASES[idx], dtype, compute, idx)
+    assert ours[0].dtype == dtype and ours[1].dtype == dtype
+    for name, a, p, e in zip(names, ours, pytorch, exact):
+        assert_2x_pytorch(a, p, e, floor, name)
+
+
+def test_interpreter_deterministic_and_opcheck(interpreted):
+    assert interpreted["opcheck"]
+    for key, runs in interpreted.items():
+        if isinstance(key, tuple):
+            for a, b in zip(*runs):
+                assert torch.equal(a, b), f"{key}: two runs differ"
+
+
+def test_interpreter_double_backward_matches_reference(interpreted):
+    fused, ref = interpreted["double_backward"]
+    for i, (a, b) in enumerate(zip(fused, ref)):
+        assert a.abs().max() > 0 and torch.allclose(a, b, rtol=1e-5, atol=1e-6), f"leaf {i}"
+
+
+def test_tnt_block_uses_the_fused_kernel(interpreted):
+    assert interpreted["tnt_calls"] == (2, 2)  # eval and train forward, and their backward
+    for mode in ("tnt_eval", "tnt_train"):
+        fused, plain = interpreted[mode]
+        for i, (a, b) in enumerate(zip(fused, plain)):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), f"{mode} output/grad {i}: {(a - b).abs().max():.2e}"
+    # drop-path is active in train mode: outputs differ from eval
+    assert not torch.allclose(interpreted["tnt_eval"][0][0], interpreted["tnt_train"][0][0])
+
+
+def test_rtnt_uses_the_fused_kernel(interpreted):
+    assert interpreted["rtnt_calls"] >= 2  # letter layers and word levels
+    fused, ref = interpreted["rtnt"]
+    assert torch.allclose(fused, ref, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference, dispatch and errors on CPU (no interpreter)
+# ---------------------------------------------------------------------------------------------
+
+def test_reference_equals_timm_block_inner_half():
+    tnt = pytest.importorskip("timm.models.tnt")
+    torch.manual_seed(0)
+    block = tnt.Block(dim=24, dim_out=48, num_pixel=16, num_heads_in=4, num_heads_out=4).double().eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.2)
+    x = torch.randn(6, 16, 24, dtype=torch.float64)
+    expected = x + block.attn_in(block.norm_in(x))
+    expected = expected + block.mlp_in(block.norm_mlp_in(expected))
+    params = {n: p for n, p in block.named_parameters() if n in ib.PARAM_NAMES}
+    assert set(params) == set(ib.PARAM_NAMES) - set(ib.OPTIONAL_PARAMS)
+    ours = ib.inner_block_ref(x, params, num_heads=4, eps=(block.norm_in.eps, block.norm_mlp_in.eps))
+    assert torch.allclose(ours, expected, rtol=0, atol=1e-12)
+
+
+def test_reference_drop_path_scales_scale_each_branch():
+    x, params, _, _ = make_inputs(4, 9, 20, 2, True, False, "c", torch.float64)
+    zero, one = torch.zeros(4), torch.ones(4)
+    assert torch.equal(ib.inner_block_ref(x, params, num_heads=2, drop_path_scales=(zero, zero)), x)
+    full = ib.inner_block_ref(x, params, num_heads=2)
+    assert torch.allclose(ib.inner_block_ref(x, params, num_heads=2, drop_path_scales=(one, one)), full)
+    mixed = ib.inner_block_ref(x, params, num_heads=2, drop_path_scales=(one, zero))
+    assert not torch.allclose(mixed, full) and not torch.allclose(mixed, x)
+
+
+def test_public_reference_backend_and_compute_dtype():
+    x, params, dy, _ = make_inputs(3, 16, 24, 4, False, False, "c", torch.float32)
+    y = ib.inner_block(x, params, num_heads=4)  # CPU default: the reference
+    assert torch.equal(y, ib.inner_block_ref(x, params, num_heads=4))
+    y16 = ib.inner_block(x, params, num_heads=4, compute_dtype=torch.bfloat16)
+    assert y16.dtype == torch.float32 and 0 < (y16 - y).abs().max() < 0.1
+
+
+def test_tnt_block_on_cpu_runs_the_modules():
+    """backend None / "reference" on CPU: the fused kernel does not apply, TNTBlock runs its modules."""
+    from tntkernels.nn import TNTBlock
+    from tntkernels.nn.block import fused_inner_sublayer
+    block = TNTBlock(24, 48, 16, num_heads_in=4, num_heads_out=4).eval()
+    x = torch.randn(4, 16, 24)
+    args = (block.norm_in, block.attn_in, block.norm_mlp_in, block.mlp_in, block.drop_path)
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        assert fused_inner_sublayer(x, *args) is None
+        block.attn_in.backend = "triton"
+        assert fused_inner_sublayer(x, *args) is None  # triton on CPU without the interpreter
+        block.attn_in.backend = None
+    block.mlp_in.act = nn.GELU(approximate="tanh")
+    block.attn_in.backend = "triton"
+    assert fused_inner_sublayer(x, *args[:3], block.mlp_in, block.drop_path) is None  # not the exact GELU
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda x, p: (x[0], p, 4), "must be 3-D"),
+    (lambda x, p: (x, p, 5), "num_heads must be a positive int dividing C"),
+    (lambda x, p: (x, {k: v for k, v in p.items() if k != "attn_in.proj.weight"}, 4), "must hold 'attn_in.proj.weight'"),
+    (lambda x, p: (x, {**p, "attn_in.v.weight": p["attn_in.v.weight"][:, :-1]}, 4), r"must have shape \(24, 24\)"),
+    (lambda x, p: (x.int(), p, 4), "float16, bfloat16, float32 or float64"),
+])
+def test_bad_input_raises_value_error(change, match):
+    x, params, _, _ = make_inputs(3, 16, 24, 4, False, False, "c", torch.float32)
+    x, params, H = change(x, params)
+    with pytest.raises(ValueError, match=match):
+        ib.inner_block(x, params, num_heads=H)
+
+
+def test_bad_eps_scales_and_backends():
+    x, params, _, _ = make_inputs(3, 16, 24, 4, False, False, "c", torch.float32)
+    with pytest.raises(ValueError, match="eps must be a positive finite float"):
+        ib.inner_block(x, params, num_heads=4, eps=0.0)
+    with pytest.raises(ValueError, match=r"s_attn must be \(3,\)"):
+        ib.inner_block(x, params, num_heads=4, drop_path_scales=(torch.ones(2), torch.ones(3)))
+    with pytest.raises(RuntimeError, match="not implemented for this op"):
+        ib.inner_block(x, params, num_heads=4, backend="cuda")
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            ib.inner_block(x, params, num_heads=4, backend="triton")
+
+
+def test_fused_unsupported_names_the_limit():
+    x = torch.randn(2, 16, 24)
+    assert ib.fused_unsupported(x, 24, 96, 4) is None
+    assert "C = 80" in ib.fused_unsupported(torch.randn(2, 16, 80), 80, 320, 4)
+    assert "hidden width 200" in ib.fused_unsupported(x, 24, 200, 4)
+    assert "float64" in ib.fused_unsupported(x.double(), 24, 96, 4)
+    assert "m = 65" in ib.fused_unsupported(torch.randn(2, 65, 24), 24, 96, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configurations and AOT compilation (no GPU needed)
+# ---------------------------------------------------------------------------------------------
+
+def test_configs_cover_every_launch():
+    configs = ib.triton_configs()
+    assert len(configs) == len(set(configs))
+    for m in range(1, 65):
+        for C in range(1, 65):
+            for H in (h for h in range(1, C + 1) if C % h == 0):
+                tile = ib.triton_config(m, C, C // H)
+                br_fwd, br_bwd, bc, bd, bf, _ = tile
+                assert br_fwd >= m and br_bwd >= m and bc >= C and bd >= C // H and bf >= 4 * C
+                for xd, cd in ib.DTYPE_PAIRS:
+                    assert (*tile, xd, cd) in configs
+
+
+_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_X_POINTERS = ("X", "Y", "dX", "dY")
+_F32_POINTERS = ("SA", "SM", "Part")
+
+
+def _compile(kernel_name, config, arch):
+    """triton.compile one kernel for one configuration and sm_<arch>; returns (ptx bytes, cubin bytes)."""
+    import triton as _triton
+    from triton.backends.compiler import GPUTarget
+
+    mod = importlib.import_module("tntkernels.ops.inner_block")
+    kernel = getattr(mod, kernel_name)
+    br_fwd, br_bwd, bc, bd, bf, warps, xd, cd = config
+    br = br_bwd if "bwd" in kernel_name else br_fwd
+    constexprs = dict(BLOCK_R=br, BLOCK_C=bc, BLOCK_D=bd, BLOCK_F=bf)
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in _X_POINTERS:
+            signature[name] = "*" + _TYPES[xd]
+        elif name in _F32_POINTERS or name in mod._LN_POINTERS:
+            signature[name] = "*fp32"
+        elif name in mod._PARAM_POINTERS:
+            signature[name] = "*" + _TYPES[cd]
+        elif name in ("eps1", "eps2", "scale"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    compiled = _triton.compile(_triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                               target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
+    assert f".target sm_{arch}" in ptx
+    if cd != torch.float32:
+        assert "mma" in ptx  # 16-bit tl.dot on tensor cores
+    return len(ptx), len(cubin)
+
+
+def _compile_all(jobs):
+    if len(jobs) <= 2:
+        return [_compile(*job) for job in jobs]
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(min(len(jobs), os.cpu_count() or 1),
+                             mp_context=torch.multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_compile, *zip(*jobs)))
+
+
+def _jobs(configs):
+    """(kernel, config, arch) for every distinct compilation: the forward kernel does not depend on
+    BLOCK_R of the backward and vice versa, so configurations differing only there compile once."""
+    jobs, seen = [], set()
+    for config in configs:
+        for kernel, drop in (("_inner_block_fwd_kernel", 1), ("_inner_block_bwd_kernel", 0)):
+            key = (kernel,) + tuple(c for i, c in enumerate(config) if i != drop)
+            if key not in seen:
+                seen.add(key)
+                jobs += [(kernel, config, arch) for arch in (80, 90)]
+    return jobs
+
+
+def test_aot_compile_representative_configs():
+    """TNT-S (m 16, C 24, head_dim 6) in bf16 and under autocast (fp32 stream, bf16 compute), and
+    TNT-B (C 40, head_dim 10) in bf16, for sm_80 and sm_90."""
+    configs = [(*ib.triton_config(16, 24, 6), torch.bfloat16, torch.bfloat16),
+               (*ib.triton_config(16, 24, 6), torch.float32, torch.bfloat16),
+               (*ib.triton_config(16, 40, 10), torch.bfloat16, torch.bfloat16)]
+    for ptx, cubin in _compile_all(_jobs(configs)):
+        assert ptx > 0 and cubin > 0
+
+
+@pytest.mark.slow
+def test_aot_compile_every_config():
+    """Every configuration the launchers can choose × 2 kernels × sm_80 / sm_90 (runs in CI)."""
+    start = time.perf_counter()
+    configs = ib.triton_configs()
+    jobs = _jobs(configs)
+    results = _compile_all(jobs)
+    assert len(results) == len(jobs) and all(p > 0 and c > 0 for p, c in results)
+    print(f"compiled {len(results)} kernels in {time.perf_counter() - start:.0f} s")
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32, 1e-5), (torch.float16, torch.float16, 1e-3),
+                                    (torch.bfloat16, torch.bfloat16, 1e-2), (torch.float32, torch.bfloat16, 1e-2)],
+                         ids=["fp32", "fp16", "bf16", "fp32+bf16"])
+@pytest.mark.parametrize("case", [(12_544, 16, 24, 4, False, True, "t"), (1_000, 16, 40, 4, True, False, "c"),
+                                  (300, 49, 20, 2, False, True, "c"), (2_000, 4, 8, 1, False, False, "t")],
+                         ids=["tnt_s_b64", "tnt_b", "m49", "rtnt_letters"])
+def test_gpu_2x_rule_and_determinism(case, dtypes):
+    dtype, compute, floor = dtypes
+    x, params, dy, scales = make_inputs(*case, dtype, seed=0)
+    x, dy = x.cuda(), dy.cuda()
+    params = {n: p.cuda() for n, p in params.items()}
+    scales = None if scales is None else tuple(s.cuda() for s in scales)
+    H = case[3]
+    ours = run_block(x, params, dy, scales, H, "triton", compute)
+    again = run_block(x, params, dy, scales, H, "triton", compute)
+    for a, b in zip(ours, again):
+        assert torch.equal(a, b)
+    exact = run_block(x.double(), {n: p.double() for n, p in params.items()}, dy.double(), scales, H, "reference")
+    pytorch = run_block(x, params, dy, scales, H, "reference", compute)
+    for name, a, p, e in zip(["y", "dx"] + list(params), ours, pytorch, exact):
+        assert_2x_pytorch(a, p, e, floor, name)
+
+
+if __name__ == "__main__":  # the interpreter worker: TRITON_INTERPRET=1 python this_file.py OUT
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    _worker(sys.argv[1])
