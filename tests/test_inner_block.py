@@ -138,7 +138,7 @@ def _worker(out_path):
         y = ib.inner_block(leaves[0], dict(zip(params, leaves[1:])), num_heads=2, drop_path_scales=scales,
                            backend=backend)
         (gx,) = torch.autograd.grad(y, leaves[0], dy, create_graph=True)
-        second.append(torch.autograd.grad(gx.square().sum(), leaves))
+        second.append(torch.autograd.grad(gx.square().sum(), leaves, allow_unused=True))  # fc2.bias: unused
     results["double_backward"] = second
     # opcheck of the custom op (no grad and with grad)
     x, params, _, _ = make_inputs(2, 4, 8, 2, True, False, "t", torch.float32, seed=7)
@@ -194,8 +194,10 @@ def test_interpreter_deterministic_and_opcheck(interpreted):
 
 def test_interpreter_double_backward_matches_reference(interpreted):
     fused, ref = interpreted["double_backward"]
+    assert sum(a is not None and a.abs().max() > 0 for a in fused) >= len(fused) - 1
     for i, (a, b) in enumerate(zip(fused, ref)):
-        assert a.abs().max() > 0 and torch.allclose(a, b, rtol=1e-5, atol=1e-6), f"leaf {i}"
+        assert (a is None) == (b is None), f"leaf {i}"
+        assert a is None or torch.allclose(a, b, rtol=1e-5, atol=1e-6), f"leaf {i}"
 
 
 def test_tnt_block_uses_the_fused_kernel(interpreted):
