@@ -32,3 +32,16 @@ def test_bench_inner_attention_smoke(tmp_path):
     assert {r["pass_"] for r in data["rows"]} == {"fwd", "bwd", "fwd+bwd"}
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "cpu.png").stat().st_size > 0
+
+
+def test_bench_nested_attention_smoke(tmp_path):
+    out = tmp_path / "nested.json"
+    load("bench_nested_attention").main(["--device", "cpu", "--quick", "--batch", "1", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["meta"]["torch"]
+    impls = {(r["what"], r["shape"], r["impl"]) for r in data["rows"]}
+    for shape in ("inner", "outer"):
+        assert ("nested_coda", shape, "eager(reference)") in impls
+        assert ("nested_realformer", shape, "sdpa+logits") in impls
+    assert all(r["median_ms"] > 0 for r in data["rows"] if r["impl"] in ("eager(reference)", "sdpa+logits"))
+    assert {r["pass_"] for r in data["rows"]} == {"fwd", "bwd", "fwd+bwd"}

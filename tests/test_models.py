@@ -328,11 +328,12 @@ def test_rtnt_gradients_reach_every_level():
 
 def test_registry_names():
     assert set(list_models()) == {"tnt_s_patch16_224", "tnt_b_patch16_224", "tnt_t_patch8_32", "tnt_t_patch7_28",
-                                  "rtnt_n_patch8_32", "rtnt_ti_patch8_32"}
+                                  "rtnt_n_patch8_32", "rtnt_ti_patch8_32", "nested_tnt_s_patch16_224", "nested_tnt_t_patch8_32"}
 
 
 # tnt_b: parameters counted only (slow on CPU); tnt_s: its batch-2 forward runs in the timm parity test
-@pytest.mark.parametrize("name", [n for n in list_models() if n not in ("tnt_b_patch16_224", "tnt_s_patch16_224")])
+@pytest.mark.parametrize("name", [n for n in list_models() if n not in ("tnt_b_patch16_224", "tnt_s_patch16_224",
+                                                                  "nested_tnt_s_patch16_224")])
 def test_forward_shape_every_model(name):
     m = create_model(name).eval()
     C, H, W = m.pretrained_cfg["input_size"]

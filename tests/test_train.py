@@ -303,3 +303,15 @@ def test_default_command_reaches_93_percent_on_digits(tmp_path):
     match = re.search(r"^final: .*dataset=digits .*test_acc=([0-9.]+) ", summary)
     assert match, summary
     assert float(match.group(1)) >= 0.93, summary
+
+
+@pytest.mark.slow
+def test_nested_tnt_reaches_90_percent_on_digits(tmp_path):
+    """Nested-TNT (both levels nested, CODA form) trains with the same command: ≥ 90% on digits."""
+    proc = subprocess.run([sys.executable, "-m", "tntkernels.train", "--model", "nested_tnt_t_patch8_32",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = proc.stdout.strip().splitlines()[-1]
+    match = re.search(r"^final: .*dataset=digits .*test_acc=([0-9.]+) ", summary)
+    assert match, summary
+    assert float(match.group(1)) >= 0.90, summary

@@ -198,9 +198,10 @@ class TNT(ClassifierHead, nn.Module):
         self.pos_drop = nn.Dropout(pos_drop_rate)
 
         self.blocks = nn.ModuleList([
-            TNTBlock(inner_dim, embed_dim, num_pixel, num_heads_in=num_heads_inner, num_heads_out=num_heads_outer,
-                     mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
-                     drop_path=dpr, norm_layer=norm_layer, backend=backend, **dd)
+            self._make_block(inner_dim, embed_dim, num_pixel, num_heads_in=num_heads_inner,
+                             num_heads_out=num_heads_outer, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                             proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=dpr,
+                             norm_layer=norm_layer, backend=backend, **dd)
             for dpr in drop_path_rates(drop_path_rate, depth)])
         self.norm = norm_layer(embed_dim, **dd)
         self.head_drop = nn.Dropout(drop_rate)
@@ -212,17 +213,25 @@ class TNT(ClassifierHead, nn.Module):
         self.pretrained_cfg = {"input_size": self.input_size, "num_classes": num_classes,
                                "first_conv": "pixel_embed.proj", "classifier": "head"}
 
+    def _make_block(self, *args, **kwargs) -> nn.Module:
+        """One block (subclasses swap in their own kind)."""
+        return TNTBlock(*args, **kwargs)
+
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return {"patch_pos", "pixel_pos", "cls_token"}
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_image("TNT", x, self.input_size)
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images → (words (B·N, m, c), sentences (B, N + 1, d)) before the first block."""
+        check_image(type(self).__name__, x, self.input_size)
         B = x.shape[0]
         words = self.pixel_embed(x, self.pixel_pos)  # (B·N, m, c)
         sentences = self.norm2_proj(self.proj(self.norm1_proj(words.reshape(B, self.num_patches, -1))))  # (B, N, d)
         sentences = torch.cat([self.cls_token.expand(B, -1, -1), sentences], dim=1)  # (B, N+1, d)
-        sentences = self.pos_drop(sentences + self.patch_pos)
+        return words, self.pos_drop(sentences + self.patch_pos)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        words, sentences = self.embed(x)
         for blk in self.blocks:
             words, sentences = blk(words, sentences)
         return self.norm(sentences)  # (B, N+1, d)

@@ -2,5 +2,8 @@
 from .attention import Attention
 from .block import TNTBlock, fused_inner_sublayer
 from .layers import DropPath, Mlp
+from .nested_attention import HeadMlp, NestedAttention
+from .nested_block import NestedTNTBlock
 
-__all__ = ["Attention", "TNTBlock", "Mlp", "DropPath", "fused_inner_sublayer"]
+__all__ = ["Attention", "TNTBlock", "Mlp", "DropPath", "fused_inner_sublayer", "NestedAttention", "HeadMlp",
+           "NestedTNTBlock"]

@@ -123,22 +123,29 @@ class TNTBlock(nn.Module):
         self.mlp = Mlp(dim_out, int(dim_out * mlp_ratio), dim_out, act_layer=act_layer, drop=proj_drop, **dd)
 
     def forward(self, pixel_embed: torch.Tensor, patch_embed: torch.Tensor):
-        # inner: words of every sentence (one fused kernel where available)
+        pixel_embed = self.forward_inner(pixel_embed)
+        patch_embed = self.add_words(pixel_embed, patch_embed)
+        return pixel_embed, self.forward_outer(patch_embed)
+
+    def forward_inner(self, pixel_embed: torch.Tensor) -> torch.Tensor:
+        """The word-level sub-block (one fused kernel where available): (B·N, m, c) → (B·N, m, c)."""
         fused = fused_inner_sublayer(pixel_embed, self.norm_in, self.attn_in, self.norm_mlp_in, self.mlp_in,
                                      self.drop_path)
         if fused is not None:
-            pixel_embed = fused
-        else:
-            pixel_embed = pixel_embed + self.drop_path(self.attn_in(self.norm_in(pixel_embed)))
-            pixel_embed = pixel_embed + self.drop_path(self.mlp_in(self.norm_mlp_in(pixel_embed)))
-        # words → sentences
+            return fused
+        pixel_embed = pixel_embed + self.drop_path(self.attn_in(self.norm_in(pixel_embed)))
+        return pixel_embed + self.drop_path(self.mlp_in(self.norm_mlp_in(pixel_embed)))
+
+    def add_words(self, pixel_embed: torch.Tensor, patch_embed: torch.Tensor) -> torch.Tensor:
+        """Words → sentences: each sentence token (not the class token) gets its words' projection."""
         B, N, _ = patch_embed.shape
         if self.norm2_proj is None:
             words = self.proj(self.norm1_proj(pixel_embed).reshape(B, N - 1, -1))  # (B, N-1, d)
         else:
             words = self.norm2_proj(self.proj(self.norm1_proj(pixel_embed.reshape(B, N - 1, -1))))  # (B, N-1, d)
-        patch_embed = torch.cat([patch_embed[:, :1], patch_embed[:, 1:] + words], dim=1)  # (B, N, d)
-        # outer: sentences
+        return torch.cat([patch_embed[:, :1], patch_embed[:, 1:] + words], dim=1)  # (B, N, d)
+
+    def forward_outer(self, patch_embed: torch.Tensor) -> torch.Tensor:
+        """The sentence-level sub-block: (B, N + 1, d) → (B, N + 1, d)."""
         patch_embed = patch_embed + self.drop_path(self.attn_out(self.norm_out(patch_embed)))
-        patch_embed = patch_embed + self.drop_path(self.mlp(self.norm_mlp(patch_embed)))
-        return pixel_embed, patch_embed
+        return patch_embed + self.drop_path(self.mlp(self.norm_mlp(patch_embed)))

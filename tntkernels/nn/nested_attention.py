@@ -1,0 +1,104 @@
+"""Nested-logit multi-head attention (CODA / RealFormer / Nested-TNT) as a TNT-style module."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from ..ops.nested_attention import nested_attention, nested_attention_ref
+
+
+class HeadMlp(nn.Module):
+    """CODA's MLP over the head axis: Linear(H, 4H) → LeakyReLU(0.2) → Linear(4H, 4H) → LeakyReLU(0.2)
+    → Linear(4H, H) (keys fc1, fc2, fc3). Init as CODA: xavier_uniform with gain 1/√2, zero biases.
+    Its weights are applied by the attention kernels; this module only holds them."""
+
+    def __init__(self, num_heads: int, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
+        super().__init__()
+        H = num_heads
+        self.fc1 = nn.Linear(H, 4 * H, **dd)
+        self.fc2 = nn.Linear(4 * H, 4 * H, **dd)
+        self.fc3 = nn.Linear(4 * H, H, **dd)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for fc in (self.fc1, self.fc2, self.fc3):
+            nn.init.xavier_uniform_(fc.weight, gain=1 / math.sqrt(2))
+            nn.init.zeros_(fc.bias)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """(w1, b1, w2, b2, w3, b3) as `tntkernels.nested_attention(head_mlp=...)` takes them."""
+        return (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.fc3.weight, self.fc3.bias)
+
+
+class NestedAttention(nn.Module):
+    """TNT attention whose pre-softmax logits are passed to the next layer and added there.
+
+    Args:
+        dim: input and output width C.  hidden_dim: width of q and k (num_heads × head_dim); v keeps
+            width `dim` (timm TNT Attention layout: keys `qk`, `v`, `proj`).
+        num_heads: H.  qkv_bias: bias in `qk` and `v`.
+        head_mlp: True (CODA / Nested-TNT: a head-mixing MLP `head_mlp.fc1..fc3` on the summed
+            logits) or False (RealFormer: logits are just added).
+        noise: add ε ~ N(0, 1) to the logits in train() (CODA); drawn from torch's default
+            generator for the device (so `torch.manual_seed` makes it repeatable); off in eval().
+        attn_drop, proj_drop: dropouts (attn_drop > 0 in training runs the reference path).
+        backend: forwarded to `tntkernels.nested_attention`.
+    Shapes:
+        forward(x (B, N, C), prev_logits None or (B, H, N, N)) → (out (B, N, C), logits (B, H, N, N)),
+        x's dtype; `logits` is what the next layer takes as prev_logits (layer 1: None).
+    Raises:
+        ValueError: dim / hidden_dim not divisible by num_heads; x not (B, N, dim); prev_logits
+            not (B, H, N, N).
+    Source: Zheng et al. 2021 (CODA), Eq. 6-8; Liu et al. 2024 (Nested-TNT); He et al. 2021 (RealFormer).
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, num_heads: int = 8, qkv_bias: bool = False,
+                 head_mlp: bool = True, noise: bool = True, attn_drop: float = 0., proj_drop: float = 0.,
+                 device=None, dtype=None, backend: str | None = None):
+        dd = {"device": device, "dtype": dtype}
+        super().__init__()
+        if hidden_dim % num_heads or dim % num_heads:
+            raise ValueError(f"NestedAttention: dim={dim} and hidden_dim={hidden_dim} must be divisible by "
+                             f"num_heads={num_heads}")
+        self.hidden_dim = hidden_dim
+        self.num_heads = num_heads
+        self.head_dim = hidden_dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.noise = noise
+        self.backend = backend
+        self.qk = nn.Linear(dim, hidden_dim * 2, bias=qkv_bias, **dd)
+        self.v = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        self.head_mlp = HeadMlp(num_heads, **dd) if head_mlp else None
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, prev_logits: torch.Tensor | None = None):
+        if x.dim() != 3 or x.shape[-1] != self.v.in_features:
+            raise ValueError(f"NestedAttention: x must be (B, N, {self.v.in_features}), got {tuple(x.shape)}")
+        B, N, C = x.shape
+        H = self.num_heads
+        if prev_logits is not None and tuple(prev_logits.shape) != (B, H, N, N):
+            raise ValueError(f"NestedAttention: prev_logits must be (B, H, N, N) = {(B, H, N, N)}, "
+                             f"got {tuple(prev_logits.shape)}")
+        q, k = self.qk(x).reshape(B, N, 2, H, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, hd)
+        v = self.v(x).reshape(B, N, H, -1).permute(0, 2, 1, 3)  # (B, H, N, C/H)
+        if prev_logits is not None:
+            prev_logits = prev_logits.to(q.dtype)
+        head_mlp = None
+        if self.head_mlp is not None:
+            head_mlp = tuple(t.to(q.dtype) for t in self.head_mlp.tensors())
+        noise = None
+        if self.training and self.noise:
+            noise = torch.randn(B, H, N, N, device=x.device, dtype=q.dtype)
+        if self.training and self.attn_drop.p > 0:
+            _, logits = nested_attention_ref(q, k, v, prev_logits, head_mlp, noise, self.scale)
+            out = self.attn_drop(logits.softmax(dim=-1)) @ v
+        else:
+            out, logits = nested_attention(q, k, v, prev_logits, head_mlp=head_mlp, noise=noise, scale=self.scale,
+                                           backend=self.backend)
+        x = out.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x)), logits
