@@ -84,7 +84,14 @@ def run_case(fn, inputs, grads, device, quick):
     def fwd_bwd():
         torch.autograd.backward(fn(*inputs), grads)
 
-    outs = fn(*inputs)
+    def failed(exc):  # a candidate that rejects the shape is reported, not fatal
+        return dict(median_ms=None, p20_ms=None, p80_ms=None, peak_mib=None,
+                    note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
+
+    try:
+        outs = fn(*inputs)
+    except Exception as exc:
+        return {pas: failed(exc) for pas in ("fwd", "bwd", "fwd+bwd")}
 
     def bwd():
         torch.autograd.backward(outs, grads, retain_graph=True)
@@ -93,9 +100,8 @@ def run_case(fn, inputs, grads, device, quick):
         try:
             med, p20, p80 = common.timed(f, device, quick)
             rows[pas] = dict(median_ms=med, p20_ms=p20, p80_ms=p80, peak_mib=common.peak_mib(f, device), note="")
-        except Exception as exc:  # a baseline that rejects the shape is reported, not fatal
-            rows[pas] = dict(median_ms=None, p20_ms=None, p80_ms=None, peak_mib=None,
-                             note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
+        except Exception as exc:
+            rows[pas] = failed(exc)
         for t in leaves:
             t.grad = None
     return rows

@@ -14,6 +14,32 @@ TORCH_LIBRARY(tntkernels, m) {
   m.def(
       "inner_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, float scale) -> (Tensor, Tensor, Tensor)");
+  // Nested-logit attention (CODA / RealFormer) over (B, H, T, d) sequences: S = scale q kᵀ (+ prev_logits);
+  // Z = S + head-MLP(S) when prev_logits is given and head_mlp holds the six tensors (w1 (4H, H), b1 (4H),
+  // w2 (4H, 4H), b2 (4H), w3 (H, 4H), b3 (H)), else Z = S; Z += noise; out = softmax(Z) v. Returns out
+  // (B, H, T, dv), the logits Z (B, H, T, T) for the next layer and lse (B, H, T) in float32 (float64 for
+  // float64 inputs), saved for backward. head_mlp is [] (RealFormer) or the six tensors.
+  m.def(
+      "nested_attention(Tensor q, Tensor k, Tensor v, Tensor? prev_logits, Tensor[] head_mlp, Tensor? noise, "
+      "float scale) -> (Tensor, Tensor, Tensor)");
+  // Gradients of nested_attention from the saved out, logits and lse; grad_logits may be None (zero).
+  // Returns [dq, dk, dv, dprev] (dprev has 0 elements when prev_logits is None), followed by the six MLP
+  // gradients [dw1, db1, dw2, db2, dw3, db3] only when the MLP was used (prev_logits given, head_mlp non-empty).
+  m.def(
+      "nested_attention_backward(Tensor grad_out, Tensor? grad_logits, Tensor q, Tensor k, Tensor v, "
+      "Tensor? prev_logits, Tensor[] head_mlp, Tensor out, Tensor logits, Tensor lse, float scale) -> Tensor[]");
+  // TinT's H_sim-split linear map on x (N, D), D = H·d (shared/specs/tint.md §1):
+  //   mix:   z[n, g, k] = Σ_h x[n, h, k] M[k, h, g] + m[k, g]     mix_weight M (d, H, H), mix_bias m (d, H)
+  //   block: y[n, g, :] = z[n, g, :] @ A[g] + a[g]               block_weight A (H, d, d), block_bias a (H, d)
+  // Either part may be absent (its weight None; a bias only with its weight). Returns y (N, D), x's dtype.
+  m.def(
+      "hsim_split_linear(Tensor x, Tensor? mix_weight, Tensor? mix_bias, Tensor? block_weight, "
+      "Tensor? block_bias) -> Tensor");
+  // Gradients of hsim_split_linear: [dx, dM, dm, dA, da], x's / the weights' shapes, 0-element tensors for
+  // absent parameters. Deterministic (no atomics).
+  m.def(
+      "hsim_split_linear_backward(Tensor grad_y, Tensor x, Tensor? mix_weight, Tensor? mix_bias, "
+      "Tensor? block_weight, Tensor? block_bias) -> Tensor[]");
 }
 
 #ifndef TNTKERNELS_CUDA_ARCHS

@@ -12,8 +12,8 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 
+import _aot
 import pytest
 import torch
 
@@ -142,51 +142,16 @@ def test_configs_cover_every_launch():
     assert ia.triton_config(16, 6, 6)[3] == 8  # TNT-S: several pairs per program
 
 
-_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_POINTERS = ("Q", "K", "V", "Out", "O", "dO", "dQ", "dK", "dV")
-
-
-def _compile(kernel_name, config, arch):
-    """triton.compile one kernel for one configuration and sm_<arch>; returns (ptx bytes, cubin bytes)."""
-    import triton as _triton
-    from triton.backends.compiler import GPUTarget
-
-    mod = importlib.import_module("tntkernels.ops.inner_attention")
-    kernel = getattr(mod, kernel_name)
-    bm, bd, bdv, pairs, dtype, warps = config
-    constexprs = dict(BLOCK_M=bm, BLOCK_D=bd, BLOCK_DV=bdv, PAIRS_PER_PROG=pairs)
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in _POINTERS:
-            signature[name] = "*" + _TRITON_TYPES[dtype]
-        elif name == "Lse":
-            signature[name] = "*fp32"
-        elif name == "scale":
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    compiled = _triton.compile(_triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                               target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
-    ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
-    assert f".target sm_{arch}" in ptx
-    if dtype != torch.float32:
-        assert "mma" in ptx  # 16-bit tl.dot on tensor cores
-    return len(ptx), len(cubin)
-
-
-def _compile_all(jobs):
-    if len(jobs) <= 4:
-        return [_compile(*job) for job in jobs]
-    workers = min(len(jobs), os.cpu_count() or 1)
-    with ProcessPoolExecutor(workers, mp_context=torch.multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_compile, *zip(*jobs)))
-
-
 def _jobs(configs):
-    return [(kernel, config, arch) for config in configs for arch in (80, 90)
-            for kernel in ("_inner_attention_fwd_kernel", "_inner_attention_bwd_kernel")]
+    """_aot jobs: both kernels of every configuration for sm_80 and sm_90."""
+    jobs = []
+    for bm, bd, bdv, pairs, dtype, warps in configs:
+        constexprs = dict(BLOCK_M=bm, BLOCK_D=bd, BLOCK_DV=bdv, PAIRS_PER_PROG=pairs)
+        types = {name: _aot.pointer(dtype) for name in ("Q", "K", "V", "Out", "O", "dO", "dQ", "dK", "dV")}
+        types.update(Lse="*fp32", scale="fp32")
+        jobs += [("tntkernels.ops.inner_attention", kernel, constexprs, types, arch, warps, dtype != torch.float32)
+                 for arch in _aot.ARCHS for kernel in ("_inner_attention_fwd_kernel", "_inner_attention_bwd_kernel")]
+    return jobs
 
 
 def test_aot_compile_representative_configs():
@@ -198,7 +163,7 @@ def test_aot_compile_representative_configs():
     for (m, d, dv), dtype in shapes:
         bm, bd, bdv, pairs, warps = ia.triton_config(m, d, dv)
         configs.append((bm, bd, bdv, pairs, dtype, warps))
-    for ptx, cubin in _compile_all(_jobs(configs)):
+    for ptx, cubin in _aot.compile_all(_jobs(configs)):
         assert ptx > 0 and cubin > 0
 
 
@@ -207,7 +172,7 @@ def test_aot_compile_every_config():
     """Every configuration the launcher can choose: 81 × 2 kernels × sm_80 / sm_90 (about 2.5 min cold
     on 2 cores; runs in CI, deselect with -m 'not slow')."""
     start = time.perf_counter()
-    results = _compile_all(_jobs(ia.triton_configs()))
+    results = _aot.compile_all(_jobs(ia.triton_configs()))
     assert len(results) == 81 * 2 * 2 and all(p > 0 and c > 0 for p, c in results)
     print(f"compiled {len(results)} kernels in {time.perf_counter() - start:.0f} s")
 

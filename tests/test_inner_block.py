@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import _aot
 import pytest
 import torch
 import torch.nn as nn
@@ -324,63 +325,23 @@ def test_configs_cover_every_launch():
                     assert (*tile, xd, cd) in configs
 
 
-_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_X_POINTERS = ("X", "Y", "dX", "dY")
-_F32_POINTERS = ("SA", "SM", "Part")
-
-
-def _compile(kernel_name, config, arch):
-    """triton.compile one kernel for one configuration and sm_<arch>; returns (ptx bytes, cubin bytes)."""
-    import triton as _triton
-    from triton.backends.compiler import GPUTarget
-
-    mod = importlib.import_module("tntkernels.ops.inner_block")
-    kernel = getattr(mod, kernel_name)
-    br_fwd, br_bwd, bc, bd, bf, warps, xd, cd = config
-    br = br_bwd if "bwd" in kernel_name else br_fwd
-    constexprs = dict(BLOCK_R=br, BLOCK_C=bc, BLOCK_D=bd, BLOCK_F=bf)
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in _X_POINTERS:
-            signature[name] = "*" + _TYPES[xd]
-        elif name in _F32_POINTERS or name in mod._LN_POINTERS:
-            signature[name] = "*fp32"
-        elif name in mod._PARAM_POINTERS:
-            signature[name] = "*" + _TYPES[cd]
-        elif name in ("eps1", "eps2", "scale"):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    compiled = _triton.compile(_triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                               target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
-    ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
-    assert f".target sm_{arch}" in ptx
-    if cd != torch.float32:
-        assert "mma" in ptx  # 16-bit tl.dot on tensor cores
-    return len(ptx), len(cubin)
-
-
-def _compile_all(jobs):
-    if len(jobs) <= 2:
-        return [_compile(*job) for job in jobs]
-    from concurrent.futures import ProcessPoolExecutor
-    with ProcessPoolExecutor(min(len(jobs), os.cpu_count() or 1),
-                             mp_context=torch.multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_compile, *zip(*jobs)))
-
-
 def _jobs(configs):
-    """(kernel, config, arch) for every distinct compilation: the forward kernel does not depend on
-    BLOCK_R of the backward and vice versa, so configurations differing only there compile once."""
+    """_aot jobs for every distinct compilation, sm_80 and sm_90: the forward kernel does not depend
+    on BLOCK_R of the backward and vice versa, so configurations differing only there compile once."""
     jobs, seen = [], set()
     for config in configs:
-        for kernel, drop in (("_inner_block_fwd_kernel", 1), ("_inner_block_bwd_kernel", 0)):
-            key = (kernel,) + tuple(c for i, c in enumerate(config) if i != drop)
+        br_fwd, br_bwd, bc, bd, bf, warps, xd, cd = config
+        types = {name: _aot.pointer(xd) for name in ("X", "Y", "dX", "dY")}
+        types.update({name: "*fp32" for name in ("SA", "SM", "Part", *ib._LN_POINTERS)})
+        types.update({name: _aot.pointer(cd) for name in ib._PARAM_POINTERS})
+        types.update(eps1="fp32", eps2="fp32", scale="fp32")
+        for kernel, br in (("_inner_block_fwd_kernel", br_fwd), ("_inner_block_bwd_kernel", br_bwd)):
+            key = (kernel, br, bc, bd, bf, warps, xd, cd)
             if key not in seen:
                 seen.add(key)
-                jobs += [(kernel, config, arch) for arch in (80, 90)]
+                constexprs = dict(BLOCK_R=br, BLOCK_C=bc, BLOCK_D=bd, BLOCK_F=bf)
+                jobs += [("tntkernels.ops.inner_block", kernel, constexprs, types, arch, warps, cd != torch.float32)
+                         for arch in _aot.ARCHS]
     return jobs
 
 
@@ -390,7 +351,7 @@ def test_aot_compile_representative_configs():
     configs = [(*ib.triton_config(16, 24, 6), torch.bfloat16, torch.bfloat16),
                (*ib.triton_config(16, 24, 6), torch.float32, torch.bfloat16),
                (*ib.triton_config(16, 40, 10), torch.bfloat16, torch.bfloat16)]
-    for ptx, cubin in _compile_all(_jobs(configs)):
+    for ptx, cubin in _aot.compile_all(_jobs(configs)):
         assert ptx > 0 and cubin > 0
 
 
@@ -400,7 +361,7 @@ def test_aot_compile_every_config():
     start = time.perf_counter()
     configs = ib.triton_configs()
     jobs = _jobs(configs)
-    results = _compile_all(jobs)
+    results = _aot.compile_all(jobs)
     assert len(results) == len(jobs) and all(p > 0 and c > 0 for p, c in results)
     print(f"compiled {len(results)} kernels in {time.perf_counter() - start:.0f} s")
 

@@ -99,7 +99,7 @@ def test_twelve_layer_stack_carries_logits():
     (dict(head_mlp=(torch.randn(16, 3), torch.randn(16), torch.randn(16, 16), torch.randn(16),
                     torch.randn(4, 16), torch.randn(4))), r"head_mlp.w1 must have shape \(4H, H\)"),
     (dict(prev_logits=torch.randn(2, 4, 9, 9, dtype=torch.float64)), r"prev_logits has dtype"),
-    (dict(backend="cpu"), r"backend 'cpu' is not implemented"),
+    (dict(backend="cuda"), r"backend 'cuda' is not available"),
 ])
 def test_bad_inputs(kwargs, match):
     q, k, v = (torch.randn(2, 4, 9, 6) for _ in range(3))

@@ -1,0 +1,585 @@
+"""Triton kernels for nested-logit multi-head attention (CODA / RealFormer / Nested-TNT).
+
+Semantics are those of `nested_attention_ref` (tntkernels/ops/nested_attention.py): per layer
+
+    A = scale · q kᵀ;  S = A + prev_logits;  Z = S + MLP_heads(S) (CODA) or Z = S (RealFormer);
+    Z = Z + noise;  out = softmax_keys(Z) v;  the op returns (out, Z).
+
+with Z = A (+ noise) when prev_logits is None (the head-MLP is then ignored).
+
+Tiling. A program owns every head of a (BLOCK_I = 16 query rows) × (BLOCK_J = 16 keys) tile of
+one sequence, so the head-MLP, which mixes the heads at every (i, j), runs in registers as a chain
+of three fp32 GEMMs over the head axis: (BLOCK_F, BLOCK_H) × (BLOCK_H, BLOCK_I·BLOCK_J) → … Tiles are
+3-D (BLOCK_H, rows, keys) with heads as the batch axis of tl.dot. Heads are padded to BLOCK_H = 8
+(H <= 8) or 16 (H <= 16); BLOCK_F = next pow2 >= max(4H, 16). The same kernels serve both levels:
+
+- short sequences (T <= 16, the TNT inner level, e.g. (B·196, 4, 16, 6)): one tile is the whole
+  sequence, so one program computes all of it, forward and backward (dk, dv included);
+- long sequences (T up to 1024; the outer level is (B, 6, 197, 64)): the forward walks the key tiles
+  of its query rows with an online softmax; the backward runs a query-tile kernel (dq, dS = d prev_logits,
+  head-MLP gradients) and a key-tile kernel (dk, dv) that recomputes P and reads dS back.
+
+Work items (sequence × row tile, or sequence × key tile) are spread over at most `_MAX_PROGRAMS`
+programs on grid axis 0 by a grid-stride loop (no 65,535 limit). Scores, softmax and the MLP run
+in fp32 (input_precision="ieee" for fp32 inputs); out and Z are written in q's dtype, lse (B, H, T)
+in fp32. The backward uses delta = rowsum(grad_out ∘ out) (out is saved), writes dq, dk, dv,
+d prev_logits and the six head-MLP gradients as per-program fp32 partials reduced with torch.sum
+afterwards: no atomics, bitwise deterministic for a given shape.
+
+Custom ops:
+    tntkernels::nested_attention_triton(q, k, v, prev_logits?, head_mlp: Tensor[], noise?, scale)
+        -> (out, Z, lse)
+    tntkernels::nested_attention_triton_backward(grad_out, grad_z?, q, k, v, prev_logits?, head_mlp,
+        noise?, out, lse, scale) -> (dq, dk, dv, dprev, dw1, db1, dw2, db2, dw3, db3)
+(empty tensors stand for absent gradients: dprev when prev_logits is None, the MLP grads when the
+MLP is not used).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _backend
+from ._checks import check_same, check_scale, check_shape, check_tensor
+from .nested_attention import LEAKY_SLOPE, _check_head_mlp, nested_attention_ref
+
+MAX_TRITON_TOKENS = 1024  # T (the outer level of TNT-S/B at 384² has 577 tokens)
+MAX_TRITON_HEADS = 16  # H: every head of a tile sits in one program
+MAX_TRITON_HEAD_DIM = 64  # d and dv
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BLOCK_I = 16  # query rows per tile
+BLOCK_J = 16  # keys per tile
+_HEAD_BLOCKS = ((8, 0), (8, 16), (8, 32), (16, 0), (16, 64))  # (BLOCK_H, BLOCK_F); BLOCK_F 0 = no head-MLP
+_DIM_BLOCKS = (16, 32, 64)  # BLOCK_D: tl.dot's contraction over d needs >= 16 in 16-bit
+_MAX_PROGRAMS = 1024  # grid size cap (the backward keeps one fp32 partial of the MLP grads per program)
+
+
+def _pow2(n: int, low: int) -> int:
+    return max(low, 1 << (n - 1).bit_length())
+
+
+def _num_warps(block_h: int, block_d: int, block_f: int) -> int:
+    return 8 if (block_h == 16 or block_f >= 32 or block_d == 64) else 4
+
+
+def triton_config(T: int, d: int, dv: int, H: int, has_mlp: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_H, BLOCK_F, BLOCK_D, num_warps) the launchers use for H heads, head dims d / dv (one
+    BLOCK_D = pow2 >= max(d, dv, 16)), with or without the head-MLP (BLOCK_F = 0). T does not enter:
+    every T runs on 16 × 16 tiles."""
+    bh = 8 if H <= 8 else 16
+    bf = _pow2(4 * H, 16) if has_mlp else 0
+    bd = _pow2(max(d, dv), 16)
+    return bh, bf, bd, _num_warps(bh, bd, bf)
+
+
+def triton_configs() -> list[tuple[int, int, int, torch.dtype, int]]:
+    """Every (BLOCK_H, BLOCK_F, BLOCK_D, dtype, num_warps) the launchers can choose for H <= 16 and
+    d, dv <= 64 (the three kernels share the set); the tests compile each for sm_80 / sm_90."""
+    return [(bh, bf, bd, dtype, _num_warps(bh, bd, bf))
+            for bh, bf in _HEAD_BLOCKS for bd in _DIM_BLOCKS for dtype in _TRITON_DTYPES]
+
+
+if _backend.triton_importable():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _leaky(x, SLOPE: tl.constexpr):
+        return tl.where(x > 0, x, x * SLOPE)
+
+    @triton.jit
+    def _load_mlp(W1, B1, W2, B2, W3, B3, H, F,
+                  BLOCK_H: tl.constexpr, BLOCK_F: tl.constexpr):
+        """The six head-MLP tensors (contiguous, nn.Linear layout), zero-padded, in fp32."""
+        of = tl.arange(0, BLOCK_F)
+        oh = tl.arange(0, BLOCK_H)
+        f_ok = of < F
+        h_ok = oh < H
+        w1 = tl.load(W1 + of[:, None] * H + oh[None, :], mask=f_ok[:, None] & h_ok[None, :], other=0.0)
+        b1 = tl.load(B1 + of, mask=f_ok, other=0.0)
+        w2 = tl.load(W2 + of[:, None] * F + of[None, :], mask=f_ok[:, None] & f_ok[None, :], other=0.0)
+        b2 = tl.load(B2 + of, mask=f_ok, other=0.0)
+        w3 = tl.load(W3 + oh[:, None] * F + of[None, :], mask=h_ok[:, None] & f_ok[None, :], other=0.0)
+        b3 = tl.load(B3 + oh, mask=h_ok, other=0.0)
+        return (w1.to(tl.float32), b1.to(tl.float32), w2.to(tl.float32), b2.to(tl.float32),
+                w3.to(tl.float32), b3.to(tl.float32))
+
+    @triton.jit
+    def _tile(base, s_b, s_h, s_r, s_c, b64, oh, rows, cols, mask, on):
+        """Masked load of base[b, heads, rows, cols] (0 where masked or when `on` is 0), in fp32."""
+        x = tl.load(base + b64 * s_b + oh * s_h + rows * s_r + cols * s_c, mask=mask & ((oh * 0 + on) != 0),
+                    other=0.0)
+        return x.to(tl.float32)
+
+    @triton.jit
+    def _scores(q, kt, b64, rows, oh, oj, valid, Prev, Noise, w1, b1, w2, b2, w3, b3,
+                sp_b, sp_h, sp_i, sp_j, sn_b, sn_h, sn_i, sn_j, scale, has_prev, has_noise,
+                BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_F: tl.constexpr,
+                SLOPE: tl.constexpr):
+        """S = scale q kᵀ + prev and Z = S + MLP_heads(S) + noise on one (BLOCK_H, BLOCK_I, BLOCK_J) tile.
+        Returns (s, x = MLP input, pre1, h1, pre2, h2, z); the MLP terms are dummies when BLOCK_F = 0."""
+        s = tl.dot(q, kt, input_precision="ieee") * scale
+        s = s + _tile(Prev, sp_b, sp_h, sp_i, sp_j, b64, oh, rows, oj, valid, has_prev)
+        z = s
+        x = s
+        pre1 = s
+        h1 = s
+        pre2 = s
+        h2 = s
+        if BLOCK_F > 0:
+            u = tl.where(valid & (s != float("-inf")), s, 0.0)
+            x = tl.reshape(u, (BLOCK_H, BLOCK_I * BLOCK_J))
+            pre1 = tl.dot(w1, x, input_precision="ieee") + b1[:, None]
+            h1 = _leaky(pre1, SLOPE)
+            pre2 = tl.dot(w2, h1, input_precision="ieee") + b2[:, None]
+            h2 = _leaky(pre2, SLOPE)
+            m = tl.dot(w3, h2, input_precision="ieee") + b3[:, None]  # (BLOCK_H, BLOCK_I·BLOCK_J)
+            z = s + tl.reshape(m, (BLOCK_H, BLOCK_I, BLOCK_J))
+        z = z + _tile(Noise, sn_b, sn_h, sn_i, sn_j, b64, oh, rows, oj, valid, has_noise)
+        return s, x, pre1, h1, pre2, h2, z
+
+    @triton.jit
+    def _nested_fwd_kernel(
+        Q, K, V, Prev, Noise, W1, B1, W2, B2, W3, B3, Out, Z, Lse,
+        sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
+        sp_b, sp_h, sp_i, sp_j, sn_b, sn_h, sn_i, sn_j,
+        so_b, so_h, so_t, so_d, sz_b, sz_h, sz_i, sz_j, sl_b, sl_h, sl_t,
+        B, H, T, D, DV, F, scale, has_prev, has_noise, n_prog,
+        BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_F: tl.constexpr, SLOPE: tl.constexpr,
+    ):
+        oh = tl.arange(0, BLOCK_H)[:, None, None]  # heads
+        oi = tl.arange(0, BLOCK_I)[None, :, None]  # query rows
+        ot = tl.arange(0, BLOCK_J)[None, :, None]  # keys as rows (k, v tiles)
+        oj = tl.arange(0, BLOCK_J)[None, None, :]  # keys as columns (score tiles)
+        od = tl.arange(0, BLOCK_D)[None, None, :]
+        h_ok = oh < H
+        w1, b1, w2, b2, w3, b3 = scale, scale, scale, scale, scale, scale  # unused without the MLP
+        if BLOCK_F > 0:
+            w1, b1, w2, b2, w3, b3 = _load_mlp(W1, B1, W2, B2, W3, B3, H, F, BLOCK_H, BLOCK_F)
+        n_i = tl.cdiv(T, BLOCK_I)
+        zero64 = tl.program_id(0).to(tl.int64) * 0
+        for w in range(tl.program_id(0), B * n_i, n_prog):
+            b64 = w // n_i + zero64  # int64 offsets (w is a Python int under the interpreter)
+            rows = (w % n_i) * BLOCK_I + oi
+            r_ok = h_ok & (rows < T)
+            q = tl.load(Q + b64 * sq_b + oh * sq_h + rows * sq_t + od * sq_d, mask=r_ok & (od < D), other=0.0)
+            m_i = tl.full((BLOCK_H, BLOCK_I), float("-inf"), tl.float32)
+            l_i = tl.zeros((BLOCK_H, BLOCK_I), tl.float32)
+            acc = tl.zeros((BLOCK_H, BLOCK_I, BLOCK_D), tl.float32)
+            for j0 in range(0, T, BLOCK_J):
+                kr = j0 + ot
+                k = tl.load(K + b64 * sk_b + oh * sk_h + kr * sk_t + od * sk_d, mask=h_ok & (kr < T) & (od < D),
+                            other=0.0)
+                v = tl.load(V + b64 * sv_b + oh * sv_h + kr * sv_t + od * sv_d, mask=h_ok & (kr < T) & (od < DV),
+                            other=0.0)
+                cols = j0 + oj
+                valid = r_ok & (cols < T)  # (BLOCK_H, BLOCK_I, BLOCK_J)
+                _, _, _, _, _, _, z = _scores(q, tl.trans(k, 0, 2, 1), b64, rows, oh, cols, valid, Prev, Noise,
+                                              w1, b1, w2, b2, w3, b3, sp_b, sp_h, sp_i, sp_j, sn_b, sn_h, sn_i, sn_j,
+                                              scale, has_prev, has_noise, BLOCK_H, BLOCK_I, BLOCK_J, BLOCK_F, SLOPE)
+                tl.store(Z + b64 * sz_b + oh * sz_h + rows * sz_i + cols * sz_j, z.to(Z.dtype.element_ty),
+                         mask=valid)
+                zm = tl.where(cols < T, z, float("-inf"))  # padded key columns
+                m_new = tl.maximum(m_i, tl.max(zm, axis=2))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows masked so far: no inf - inf
+                alpha = tl.exp(m_i - m_safe)
+                p = tl.exp(zm - m_safe[:, :, None])
+                l_i = l_i * alpha + tl.sum(p, axis=2)
+                acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+                m_i = m_new
+            out = acc / l_i[:, :, None]
+            tl.store(Out + b64 * so_b + oh * so_h + rows * so_t + od * so_d, out.to(Out.dtype.element_ty),
+                     mask=r_ok & (od < DV))
+            lrows = (w % n_i) * BLOCK_I + tl.arange(0, BLOCK_I)[None, :]
+            lh = tl.arange(0, BLOCK_H)[:, None]
+            tl.store(Lse + b64 * sl_b + lh * sl_h + lrows * sl_t, m_i + tl.log(l_i), mask=(lh < H) & (lrows < T))
+
+    @triton.jit
+    def _nested_bwd_q_kernel(
+        GO, GZ, Q, K, V, Prev, Noise, W1, B1, W2, B2, W3, B3, Lse, Delta,
+        dQ, dK, dV, dPrev, dW1, dB1, dW2, dB2, dW3, dB3,
+        sgo_b, sgo_h, sgo_t, sgo_d, sgz_b, sgz_h, sgz_i, sgz_j,
+        sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
+        sp_b, sp_h, sp_i, sp_j, sn_b, sn_h, sn_i, sn_j, sl_b, sl_h, sl_t,
+        sdq_b, sdq_h, sdq_t, sdq_d, sdk_b, sdk_h, sdk_t, sdk_d, sdv_b, sdv_h, sdv_t, sdv_d,
+        sdp_b, sdp_h, sdp_i, sdp_j,
+        B, H, T, D, DV, F, scale, has_prev, has_noise, has_gz, n_prog,
+        BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_F: tl.constexpr, SLOPE: tl.constexpr,
+    ):
+        """Per (sequence, query tile): dq, dS (stored as d prev_logits), the head-MLP gradient partials;
+        when one tile holds the whole sequence (T <= BLOCK_I = BLOCK_J) also dk and dv."""
+        pid = tl.program_id(0)
+        oh = tl.arange(0, BLOCK_H)[:, None, None]
+        oi = tl.arange(0, BLOCK_I)[None, :, None]
+        ot = tl.arange(0, BLOCK_J)[None, :, None]
+        oj = tl.arange(0, BLOCK_J)[None, None, :]
+        od = tl.arange(0, BLOCK_D)[None, None, :]
+        h_ok = oh < H
+        w1, b1, w2, b2, w3, b3 = scale, scale, scale, scale, scale, scale  # unused without the MLP
+        if BLOCK_F > 0:
+            w1, b1, w2, b2, w3, b3 = _load_mlp(W1, B1, W2, B2, W3, B3, H, F, BLOCK_H, BLOCK_F)
+            gw1 = tl.zeros((BLOCK_F, BLOCK_H), dtype=tl.float32)
+            gb1 = tl.zeros((BLOCK_F,), dtype=tl.float32)
+            gw2 = tl.zeros((BLOCK_F, BLOCK_F), dtype=tl.float32)
+            gb2 = tl.zeros((BLOCK_F,), dtype=tl.float32)
+            gw3 = tl.zeros((BLOCK_H, BLOCK_F), dtype=tl.float32)
+            gb3 = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        n_i = tl.cdiv(T, BLOCK_I)
+        zero64 = pid.to(tl.int64) * 0
+        for w in range(pid, B * n_i, n_prog):
+            b64 = w // n_i + zero64
+            rows = (w % n_i) * BLOCK_I + oi
+            r_ok = h_ok & (rows < T)
+            q = tl.load(Q + b64 * sq_b + oh * sq_h + rows * sq_t + od * sq_d, mask=r_ok & (od < D), other=0.0)
+            go = tl.load(GO + b64 * sgo_b + oh * sgo_h + rows * sgo_t + od * sgo_d, mask=r_ok & (od < DV), other=0.0)
+            lse = tl.load(Lse + b64 * sl_b + oh * sl_h + rows * sl_t, mask=r_ok, other=0.0)  # (BH, BI, 1)
+            delta = tl.load(Delta + b64 * sl_b + oh * sl_h + rows * sl_t, mask=r_ok, other=0.0)
+            dq = tl.zeros((BLOCK_H, BLOCK_I, BLOCK_D), tl.float32)
+            for j0 in range(0, T, BLOCK_J):
+                kr = j0 + ot
+                k = tl.load(K + b64 * sk_b + oh * sk_h + kr * sk_t + od * sk_d, mask=h_ok & (kr < T) & (od < D),
+                            other=0.0)
+                v = tl.load(V + b64 * sv_b + oh * sv_h + kr * sv_t + od * sv_d, mask=h_ok & (kr < T) & (od < DV),
+                            other=0.0)
+                cols = j0 + oj
+                valid = r_ok & (cols < T)
+                s, x, pre1, h1, pre2, h2, z = _scores(
+                    q, tl.trans(k, 0, 2, 1), b64, rows, oh, cols, valid, Prev, Noise, w1, b1, w2, b2, w3, b3,
+                    sp_b, sp_h, sp_i, sp_j, sn_b, sn_h, sn_i, sn_j, scale, has_prev, has_noise,
+                    BLOCK_H, BLOCK_I, BLOCK_J, BLOCK_F, SLOPE)
+                p = tl.where(valid, tl.exp(z - lse), 0.0)
+                dp = tl.dot(go, tl.trans(v, 0, 2, 1), input_precision="ieee")  # g_out vᵀ
+                dz = p * (dp - delta) + _tile(GZ, sgz_b, sgz_h, sgz_i, sgz_j, b64, oh, rows, cols, valid, has_gz)
+                dz = tl.where(valid, dz, 0.0)
+                ds = dz
+                if BLOCK_F > 0:
+                    dm = tl.reshape(dz, (BLOCK_H, BLOCK_I * BLOCK_J))
+                    gw3 += tl.dot(dm, tl.trans(h2), input_precision="ieee")
+                    gb3 += tl.sum(dm, axis=1)
+                    dh2 = tl.dot(tl.trans(w3), dm, input_precision="ieee")
+                    dh2 = tl.where(pre2 > 0, dh2, dh2 * SLOPE)
+                    gw2 += tl.dot(dh2, tl.trans(h1), input_precision="ieee")
+                    gb2 += tl.sum(dh2, axis=1)
+                    dh1 = tl.dot(tl.trans(w2), dh2, input_precision="ieee")
+                    dh1 = tl.where(pre1 > 0, dh1, dh1 * SLOPE)
+                    gw1 += tl.dot(dh1, tl.trans(x), input_precision="ieee")
+                    gb1 += tl.sum(dh1, axis=1)
+                    du = tl.reshape(tl.dot(tl.trans(w1), dh1, input_precision="ieee"), (BLOCK_H, BLOCK_I, BLOCK_J))
+                    ds = dz + tl.where(valid & (s != float("-inf")), du, 0.0)
+                tl.store(dPrev + b64 * sdp_b + oh * sdp_h + rows * sdp_i + cols * sdp_j,
+                         ds.to(dPrev.dtype.element_ty), mask=valid & ((oh * 0 + has_prev) != 0))
+                da = ds * scale
+                dq += tl.dot(da.to(k.dtype), k, input_precision="ieee")
+                if T <= BLOCK_J:  # the whole sequence is this tile: dk, dv here (no key-tile kernel)
+                    dk = tl.dot(tl.trans(da, 0, 2, 1).to(q.dtype), q, input_precision="ieee")
+                    dv = tl.dot(tl.trans(p, 0, 2, 1).to(go.dtype), go, input_precision="ieee")
+                    tl.store(dK + b64 * sdk_b + oh * sdk_h + kr * sdk_t + od * sdk_d, dk.to(dK.dtype.element_ty),
+                             mask=h_ok & (kr < T) & (od < D))
+                    tl.store(dV + b64 * sdv_b + oh * sdv_h + kr * sdv_t + od * sdv_d, dv.to(dV.dtype.element_ty),
+                             mask=h_ok & (kr < T) & (od < DV))
+            tl.store(dQ + b64 * sdq_b + oh * sdq_h + rows * sdq_t + od * sdq_d, dq.to(dQ.dtype.element_ty),
+                     mask=r_ok & (od < D))
+        if BLOCK_F > 0:
+            of = tl.arange(0, BLOCK_F)
+            oh2 = tl.arange(0, BLOCK_H)
+            f_ok = of < F
+            hh_ok = oh2 < H
+            tl.store(dW1 + pid * F * H + of[:, None] * H + oh2[None, :], gw1, mask=f_ok[:, None] & hh_ok[None, :])
+            tl.store(dB1 + pid * F + of, gb1, mask=f_ok)
+            tl.store(dW2 + pid * F * F + of[:, None] * F + of[None, :], gw2, mask=f_ok[:, None] & f_ok[None, :])
+            tl.store(dB2 + pid * F + of, gb2, mask=f_ok)
+            tl.store(dW3 + pid * H * F + oh2[:, None] * F + of[None, :], gw3, mask=hh_ok[:, None] & f_ok[None, :])
+            tl.store(dB3 + pid * H + oh2, gb3, mask=hh_ok)
+
+    @triton.jit
+    def _nested_bwd_kv_kernel(
+        GO, GZ, Q, K, V, Prev, Noise, W1, B1, W2, B2, W3, B3, Lse, Delta, dPrev, dK, dV,
+        sgo_b, sgo_h, sgo_t, sgo_d, sgz_b, sgz_h, sgz_i, sgz_j,
+        sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
+        sp_b, sp_h, sp_i, sp_j, sn_b, sn_h, sn_i, sn_j, sl_b, sl_h, sl_t,
+        sdp_b, sdp_h, sdp_i, sdp_j, sdk_b, sdk_h, sdk_t, sdk_d, sdv_b, sdv_h, sdv_t, sdv_d,
+        B, H, T, D, DV, F, scale, has_prev, has_noise, has_gz, n_prog,
+        BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_F: tl.constexpr, SLOPE: tl.constexpr,
+    ):
+        """Per (sequence, key tile), T > BLOCK_J: dk = Σ_i dSᵀ q · scale and dv = Σ_i Pᵀ g_out. P is
+        recomputed (scores, head-MLP, lse); dS is read back from d prev_logits when prev_logits is
+        given (the query-tile kernel wrote it), else recomputed (no head-MLP then)."""
+        oh = tl.arange(0, BLOCK_H)[:, None, None]
+        oi = tl.arange(0, BLOCK_I)[None, :, None]
+        ot = tl.arange(0, BLOCK_J)[None, :, None]
+        oj = tl.arange(0, BLOCK_J)[None, None, :]
+        od = tl.arange(0, BLOCK_D)[None, None, :]
+        h_ok = oh < H
+        w1, b1, w2, b2, w3, b3 = scale, scale, scale, scale, scale, scale  # unused without the MLP
+        if BLOCK_F > 0:
+            w1, b1, w2, b2, w3, b3 = _load_mlp(W1, B1, W2, B2, W3, B3, H, F, BLOCK_H, BLOCK_F)
+        n_j = tl.cdiv(T, BLOCK_J)
+        zero64 = tl.program_id(0).to(tl.int64) * 0
+        for w in range(tl.program_id(0), B * n_j, n_prog):
+            b64 = w // n_j + zero64
+            kr = (w % n_j) * BLOCK_J + ot
+            k_ok = h_ok & (kr < T)
+            k = tl.load(K + b64 * sk_b + oh * sk_h + kr * sk_t + od * sk_d, mask=k_ok & (od < D), other=0.0)
+            v = tl.load(V + b64 * sv_b + oh * sv_h + kr * sv_t + od * sv_d, mask=k_ok & (od < DV), other=0.0)
+            kt = tl.trans(k, 0, 2, 1)
+            vt = tl.trans(v, 0, 2, 1)
+            cols = (w % n_j) * BLOCK_J + oj
+            dk = tl.zeros((BLOCK_H, BLOCK_J, BLOCK_D), tl.float32)
+            dv = tl.zeros((BLOCK_H, BLOCK_J, BLOCK_D), tl.float32)
+            for i0 in range(0, T, BLOCK_I):
+                rows = i0 + oi
+                r_ok = h_ok & (rows < T)
+                valid = r_ok & (cols < T)
+                q = tl.load(Q + b64 * sq_b + oh * sq_h + rows * sq_t + od * sq_d, mask=r_ok & (od < D), other=0.0)
+                go = tl.load(GO + b64 * sgo_b + oh * sgo_h + rows * sgo_t + od * sgo_d, mask=r_ok & (od < DV),
+                             other=0.0)
+                lse = tl.load(Lse + b64 * sl_b + oh * sl_h + rows * sl_t, mask=r_ok, other=0.0)
+                _, _, _, _, _, _, z = _scores(q, kt, b64, rows, oh, cols, valid, Prev, Noise,
+                                              w1, b1, w2, b2, w3, b3, sp_b, sp_h, sp_i, sp_j, sn_b, sn_h, sn_i, sn_j,
+                                              scale, has_prev, has_noise, BLOCK_H, BLOCK_I, BLOCK_J, BLOCK_F, SLOPE)
+                p = tl.where(valid, tl.exp(z - lse), 0.0)
+                if has_prev != 0:
+                    ds = _tile(dPrev, sdp_b, sdp_h, sdp_i, sdp_j, b64, oh, rows, cols, valid, has_prev)
+                else:
+                    delta = tl.load(Delta + b64 * sl_b + oh * sl_h + rows * sl_t, mask=r_ok, other=0.0)
+                    dp = tl.dot(go, vt, input_precision="ieee")
+                    ds = p * (dp - delta) + _tile(GZ, sgz_b, sgz_h, sgz_i, sgz_j, b64, oh, rows, cols, valid, has_gz)
+                    ds = tl.where(valid, ds, 0.0)
+                da = ds * scale
+                dk += tl.dot(tl.trans(da, 0, 2, 1).to(q.dtype), q, input_precision="ieee")
+                dv += tl.dot(tl.trans(p, 0, 2, 1).to(go.dtype), go, input_precision="ieee")
+            tl.store(dK + b64 * sdk_b + oh * sdk_h + kr * sdk_t + od * sdk_d, dk.to(dK.dtype.element_ty),
+                     mask=k_ok & (od < D))
+            tl.store(dV + b64 * sdv_b + oh * sdv_h + kr * sdv_t + od * sdv_d, dv.to(dV.dtype.element_ty),
+                     mask=k_ok & (od < DV))
+
+
+def _check_triton(q: torch.Tensor, v: torch.Tensor) -> None:
+    B, H, T, d = q.shape
+    if q.dtype not in _TRITON_DTYPES:
+        raise ValueError(f"nested_attention: the 'triton' backend supports float32, float16 and bfloat16, got {q.dtype}")
+    if not (T <= MAX_TRITON_TOKENS and 1 <= H <= MAX_TRITON_HEADS and 1 <= d <= MAX_TRITON_HEAD_DIM
+            and 1 <= v.shape[-1] <= MAX_TRITON_HEAD_DIM):
+        raise ValueError(f"nested_attention: the 'triton' backend supports T <= {MAX_TRITON_TOKENS}, "
+                         f"1 <= H <= {MAX_TRITON_HEADS} and 1 <= d, dv <= {MAX_TRITON_HEAD_DIM}, "
+                         f"got T={T}, H={H}, d={d}, dv={v.shape[-1]}")
+
+
+def _mlp_args(q: torch.Tensor, head_mlp, use_mlp: bool) -> list[torch.Tensor]:
+    if use_mlp:
+        return [t.contiguous() for t in head_mlp]
+    return [q] * 6  # never read (BLOCK_F = 0)
+
+
+def _strides4(t: torch.Tensor | None) -> tuple[int, ...]:
+    return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
+
+
+def _n_prog(items: int) -> int:
+    return max(1, min(items, _MAX_PROGRAMS))
+
+
+def nested_attention_forward(q, k, v, prev_logits, head_mlp, noise, scale):
+    """Triton forward. q, k (B, H, T, d); v (B, H, T, dv); prev_logits / noise None or (B, H, T, T);
+    head_mlp a list of the 6 MLP tensors or empty; any strides. Returns out (B, H, T, dv) and Z
+    (B, H, T, T) contiguous in q's dtype, lse (B, H, T) float32."""
+    _check_triton(q, v)
+    B, H, T, d = q.shape
+    dv = v.shape[-1]
+    out = q.new_empty((B, H, T, dv))
+    z = q.new_empty((B, H, T, T))
+    lse = q.new_empty((B, H, T), dtype=torch.float32)
+    if B == 0 or T == 0:
+        return out, z, lse
+    use_mlp = prev_logits is not None and len(head_mlp) > 0
+    bh, bf, bd, warps = triton_config(T, d, dv, H, use_mlp)
+    n_prog = _n_prog(B * -(-T // BLOCK_I))
+    prev = prev_logits if prev_logits is not None else z
+    nz = noise if noise is not None else z
+    _nested_fwd_kernel[(n_prog,)](
+        q, k, v, prev, nz, *_mlp_args(q, head_mlp, use_mlp), out, z, lse,
+        *q.stride(), *k.stride(), *v.stride(), *prev.stride(), *nz.stride(),
+        *out.stride(), *z.stride(), *lse.stride(),
+        B, H, T, d, dv, 4 * H, float(scale), int(prev_logits is not None), int(noise is not None), n_prog,
+        BLOCK_H=bh, BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, BLOCK_D=bd, BLOCK_F=bf, SLOPE=LEAKY_SLOPE, num_warps=warps)
+    return out, z, lse
+
+
+def nested_attention_backward(grad_out, grad_z, q, k, v, prev_logits, head_mlp, noise, out, lse, scale):
+    """Triton backward, deterministic (no atomics). Returns (dq, dk, dv, dprev, [dw1, db1, dw2, db2, dw3,
+    db3]) in q's dtype; dprev is None when prev_logits is None, the list empty without the MLP."""
+    _check_triton(q, v)
+    B, H, T, d = q.shape
+    dvd = v.shape[-1]
+    F = 4 * H
+    dq = q.new_empty((B, H, T, d))
+    dk = q.new_empty((B, H, T, d))
+    dv = q.new_empty((B, H, T, dvd))
+    dprev = q.new_empty((B, H, T, T)) if prev_logits is not None else None
+    use_mlp = prev_logits is not None and len(head_mlp) > 0
+    n_prog = _n_prog(B * -(-T // BLOCK_I))
+    shapes = ((F, H), (F,), (F, F), (F,), (H, F), (H,))
+    partials = [q.new_zeros((n_prog, *s), dtype=torch.float32) for s in shapes] if use_mlp else [q] * 6
+    if B > 0 and T > 0:
+        grad_out = grad_out.to(q.dtype)
+        lse = lse.contiguous()
+        delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # rowsum(g_out ∘ out) = Σ_j P dP
+        gz = grad_z.to(q.dtype) if grad_z is not None else q
+        prev = prev_logits if prev_logits is not None else q
+        nz = noise if noise is not None else q
+        dp = dprev if dprev is not None else q
+        bh, bf, bd, warps = triton_config(T, d, dvd, H, use_mlp)
+        common = (*grad_out.stride(), *_strides4(grad_z), *q.stride(), *k.stride(), *v.stride(),
+                  *_strides4(prev_logits), *_strides4(noise), *lse.stride())
+        flags = (B, H, T, d, dvd, F, float(scale), int(prev_logits is not None), int(noise is not None),
+                 int(grad_z is not None))
+        meta = dict(BLOCK_H=bh, BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, BLOCK_D=bd, BLOCK_F=bf, SLOPE=LEAKY_SLOPE,
+                    num_warps=warps)
+        inputs = (grad_out, gz, q, k, v, prev, nz, *_mlp_args(q, head_mlp, use_mlp), lse, delta)
+        _nested_bwd_q_kernel[(n_prog,)](
+            *inputs, dq, dk, dv, dp, *partials, *common,
+            *dq.stride(), *dk.stride(), *dv.stride(), *_strides4(dprev), *flags, n_prog, **meta)
+        if T > BLOCK_J:  # several key tiles: dk, dv by key tile (reads dS back from dprev)
+            n_kv = _n_prog(B * -(-T // BLOCK_J))
+            _nested_bwd_kv_kernel[(n_kv,)](
+                *inputs, dp, dk, dv, *common, *_strides4(dprev), *dk.stride(), *dv.stride(), *flags, n_kv, **meta)
+    grads = []
+    if use_mlp:
+        grads = [p.sum(dim=0).to(w.dtype) for p, w in zip(partials, head_mlp)]
+    return dq, dk, dv, dprev, grads
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops (+ fake kernels, autograd)
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("tntkernels::nested_attention_triton", mutates_args=())
+def _nested_attention_triton_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prev_logits: torch.Tensor | None,
+                                head_mlp: list[torch.Tensor], noise: torch.Tensor | None,
+                                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return nested_attention_forward(q, k, v, prev_logits, head_mlp, noise, scale)
+
+
+@_nested_attention_triton_op.register_fake
+def _nested_attention_triton_fake(q, k, v, prev_logits, head_mlp, noise, scale):
+    B, H, T, _ = q.shape
+    return (q.new_empty((B, H, T, v.shape[-1])), q.new_empty((B, H, T, T)),
+            q.new_empty((B, H, T), dtype=torch.float32))
+
+
+@torch.library.custom_op("tntkernels::nested_attention_triton_backward", mutates_args=())
+def _nested_attention_triton_backward_op(
+        grad_out: torch.Tensor, grad_z: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        prev_logits: torch.Tensor | None, head_mlp: list[torch.Tensor], noise: torch.Tensor | None,
+        out: torch.Tensor, lse: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv, dprev, grads = nested_attention_backward(grad_out, grad_z, q, k, v, prev_logits, head_mlp, noise,
+                                                         out, lse, scale)
+    return _pack_backward(q, dq, dk, dv, dprev, grads)
+
+
+def _pack_backward(q, dq, dk, dv, dprev, grads):
+    if not grads:
+        grads = [q.new_empty((0,)) for _ in range(6)]  # distinct tensors: returns may not alias
+    return dq, dk, dv, (dprev if dprev is not None else q.new_empty((0,))), *grads
+
+
+@_nested_attention_triton_backward_op.register_fake
+def _nested_attention_triton_backward_fake(grad_out, grad_z, q, k, v, prev_logits, head_mlp, noise, out, lse,
+                                           scale):
+    B, H, T, d = q.shape
+    use_mlp = prev_logits is not None and len(head_mlp) > 0
+    dprev = q.new_empty((B, H, T, T)) if prev_logits is not None else None
+    grads = [torch.empty_like(t) for t in head_mlp] if use_mlp else []
+    return _pack_backward(q, q.new_empty((B, H, T, d)), q.new_empty((B, H, T, d)),
+                          q.new_empty((B, H, T, v.shape[-1])), dprev, grads)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, prev_logits, head_mlp, noise, scale = inputs
+    out, _, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, prev_logits, noise, out, lse, *head_mlp)
+    ctx.scale = scale
+    ctx.n_mlp = len(head_mlp)
+
+
+def _backward(ctx, grad_out, grad_z, grad_lse):
+    q, k, v, prev_logits, noise, out, lse, *head_mlp = ctx.saved_tensors
+    if grad_out is None and grad_z is None:
+        return None, None, None, None, [None] * ctx.n_mlp, None, None
+    if grad_out is None:
+        grad_out = torch.zeros_like(v)
+    if torch.is_grad_enabled():
+        # create_graph=True (double backward): differentiate the reference so second-order
+        # gradients are exact rather than silently missing.
+        inputs = [q, k, v] + ([prev_logits] if prev_logits is not None else []) + list(head_mlp)
+        mlp = tuple(head_mlp) if head_mlp else None
+        ref_out, z = nested_attention_ref(q, k, v, prev_logits, mlp, noise, ctx.scale)
+        outs, gouts = [ref_out], [grad_out]
+        if grad_z is not None:
+            outs.append(z)
+            gouts.append(grad_z)
+        grads = list(torch.autograd.grad(outs, inputs, gouts, create_graph=True, allow_unused=True))
+        dq, dk, dv = grads[:3]
+        dprev = grads[3] if prev_logits is not None else None
+        gm = grads[3 + (prev_logits is not None):]
+        return dq, dk, dv, dprev, gm, None, None
+    res = _nested_attention_triton_backward_op(grad_out.contiguous(), grad_z, q, k, v, prev_logits, list(head_mlp),
+                                               noise, out, lse, ctx.scale)
+    dq, dk, dv, dprev = res[:4]
+    use_mlp = prev_logits is not None and len(head_mlp) > 0
+    gm = list(res[4:]) if use_mlp else [None] * ctx.n_mlp
+    return dq, dk, dv, (dprev if prev_logits is not None else None), gm, None, None
+
+
+_nested_attention_triton_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def nested_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prev_logits: torch.Tensor | None = None,
+                            head_mlp=None, noise: torch.Tensor | None = None,
+                            scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nested-logit multi-head attention with the Triton kernels.
+
+    Args:
+        q, k: (B, H, T, d); v: (B, H, T, dv) — float32, float16 or bfloat16, one device (CUDA, or CPU
+            under TRITON_INTERPRET=1); any strides. T <= 1024, 1 <= H <= 16, 1 <= d, dv <= 64.
+        prev_logits: None (first layer) or the previous layer's logits, (B, H, T, T).
+        head_mlp: None (RealFormer) or the six CODA head-MLP tensors (w1 (4H, H), b1 (4H),
+            w2 (4H, 4H), b2 (4H), w3 (H, 4H), b3 (H)); ignored when prev_logits is None.
+        noise: None or (B, H, T, T) added to the logits (no gradient flows into it).
+        scale: float, default d ** -0.5.
+    Returns:
+        (out (B, H, T, dv), logits Z (B, H, T, T)) in q's dtype, differentiable with respect to q, k,
+        v, prev_logits and the head-MLP tensors; equal to `nested_attention_ref` up to rounding.
+    Raises:
+        TypeError / ValueError: bad inputs; ValueError naming the supported range for T > 1024,
+        H > 16, d or dv > 64, or float64.
+        RuntimeError: Triton cannot run on the tensors' device.
+    """
+    op = "nested_attention_triton"
+    check_tensor(op, "q", q, 4, "(B, H, T, d)")
+    check_tensor(op, "k", k, 4, "(B, H, T, d)")
+    check_tensor(op, "v", v, 4, "(B, H, T, dv)")
+    check_same(op, "q", q, k=k, v=v, prev_logits=prev_logits, noise=noise)
+    B, H, T, _ = q.shape
+    check_shape(op, "k", k, q.shape, "(B, H, T, d)")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"{op}: v must have shape (B, H, T, dv) with (B, H, T) = {(B, H, T)}, got {tuple(v.shape)}")
+    for name, t in (("prev_logits", prev_logits), ("noise", noise)):
+        if t is not None:
+            check_tensor(op, name, t, 4, "(B, H, T, T)")
+            check_shape(op, name, t, (B, H, T, T), "(B, H, T, T)")
+    _check_triton(q, v)
+    head_mlp = _check_head_mlp(op, head_mlp, H, q)
+    scale = check_scale(op, scale)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    why = _backend.why_unavailable("triton", q.device)
+    if why is not None:
+        raise RuntimeError(f"{op}: {why}")
+    out, z, _ = _nested_attention_triton_op(q, k, v, prev_logits, list(head_mlp) if head_mlp else [], noise, scale)
+    return out, z
