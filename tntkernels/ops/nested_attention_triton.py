@@ -13,7 +13,7 @@ of three fp32 GEMMs over the head axis: (BLOCK_F, BLOCK_H) × (BLOCK_H, BLOCK_I�
 3-D (BLOCK_H, rows, keys) with heads as the batch axis of tl.dot. Heads are padded to BLOCK_H = 8
 (H <= 8) or 16 (H <= 16); BLOCK_F = next pow2 >= max(4H, 16). The same kernels serve both levels:
 
-- short sequences (T <= 16, the TNT inner level, e.g. (B·196, 4, 16, 6)): one tile is the whole
+- short sequences (T <= BLOCK_I, the TNT inner level, e.g. (B·196, 4, 16, 6)): one tile is the whole
   sequence, so one program computes all of it, forward and backward (dk, dv included);
 - long sequences (T up to 1024; the outer level is (B, 6, 197, 64)): the forward walks the key tiles
   of its query rows with an online softmax; the backward runs a query-tile kernel (dq, dS = d prev_logits,
@@ -46,8 +46,8 @@ MAX_TRITON_TOKENS = 1024  # T (the outer level of TNT-S/B at 384² has 577 token
 MAX_TRITON_HEADS = 16  # H: every head of a tile sits in one program
 MAX_TRITON_HEAD_DIM = 64  # d and dv
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-BLOCK_I = 16  # query rows per tile
-BLOCK_J = 16  # keys per tile
+BLOCK_I = 16  # query rows per tile (tl.dot contracts over them in the backward: >= 16 in 16-bit)
+BLOCK_J = 16  # keys per tile (contracted in P·v: >= 16)
 _HEAD_BLOCKS = ((8, 0), (8, 16), (8, 32), (16, 0), (16, 64))  # (BLOCK_H, BLOCK_F); BLOCK_F 0 = no head-MLP
 _DIM_BLOCKS = (16, 32, 64)  # BLOCK_D: tl.dot's contraction over d needs >= 16 in 16-bit
 _MAX_PROGRAMS = 1024  # grid size cap (the backward keeps one fp32 partial of the MLP grads per program)
@@ -116,26 +116,23 @@ if _backend.triton_importable():
                 BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_F: tl.constexpr,
                 SLOPE: tl.constexpr):
         """S = scale q kᵀ + prev and Z = S + MLP_heads(S) + noise on one (BLOCK_H, BLOCK_I, BLOCK_J) tile.
-        Returns (s, x = MLP input, pre1, h1, pre2, h2, z); the MLP terms are dummies when BLOCK_F = 0."""
+        Returns (s, x = MLP input, h1, h2, z); the MLP terms are dummies when BLOCK_F = 0. The backward
+        takes LeakyReLU's derivative from the sign of h (= the sign of its input: the slope is > 0)."""
         s = tl.dot(q, kt, input_precision="ieee") * scale
         s = s + _tile(Prev, sp_b, sp_h, sp_i, sp_j, b64, oh, rows, oj, valid, has_prev)
         z = s
         x = s
-        pre1 = s
         h1 = s
-        pre2 = s
         h2 = s
         if BLOCK_F > 0:
             u = tl.where(valid & (s != float("-inf")), s, 0.0)
             x = tl.reshape(u, (BLOCK_H, BLOCK_I * BLOCK_J))
-            pre1 = tl.dot(w1, x, input_precision="ieee") + b1[:, None]
-            h1 = _leaky(pre1, SLOPE)
-            pre2 = tl.dot(w2, h1, input_precision="ieee") + b2[:, None]
-            h2 = _leaky(pre2, SLOPE)
+            h1 = _leaky(tl.dot(w1, x, input_precision="ieee") + b1[:, None], SLOPE)
+            h2 = _leaky(tl.dot(w2, h1, input_precision="ieee") + b2[:, None], SLOPE)
             m = tl.dot(w3, h2, input_precision="ieee") + b3[:, None]  # (BLOCK_H, BLOCK_I·BLOCK_J)
             z = s + tl.reshape(m, (BLOCK_H, BLOCK_I, BLOCK_J))
         z = z + _tile(Noise, sn_b, sn_h, sn_i, sn_j, b64, oh, rows, oj, valid, has_noise)
-        return s, x, pre1, h1, pre2, h2, z
+        return s, x, h1, h2, z
 
     @triton.jit
     def _nested_fwd_kernel(
@@ -174,7 +171,7 @@ if _backend.triton_importable():
                             other=0.0)
                 cols = j0 + oj
                 valid = r_ok & (cols < T)  # (BLOCK_H, BLOCK_I, BLOCK_J)
-                _, _, _, _, _, _, z = _scores(q, tl.trans(k, 0, 2, 1), b64, rows, oh, cols, valid, Prev, Noise,
+                _, _, _, _, z = _scores(q, tl.trans(k, 0, 2, 1), b64, rows, oh, cols, valid, Prev, Noise,
                                               w1, b1, w2, b2, w3, b3, sp_b, sp_h, sp_i, sp_j, sn_b, sn_h, sn_i, sn_j,
                                               scale, has_prev, has_noise, BLOCK_H, BLOCK_I, BLOCK_J, BLOCK_F, SLOPE)
                 tl.store(Z + b64 * sz_b + oh * sz_h + rows * sz_i + cols * sz_j, z.to(Z.dtype.element_ty),
@@ -208,7 +205,7 @@ if _backend.triton_importable():
         BLOCK_F: tl.constexpr, SLOPE: tl.constexpr,
     ):
         """Per (sequence, query tile): dq, dS (stored as d prev_logits), the head-MLP gradient partials;
-        when one tile holds the whole sequence (T <= BLOCK_I = BLOCK_J) also dk and dv."""
+        when one tile holds the whole sequence (T <= BLOCK_I <= BLOCK_J) also dk and dv."""
         pid = tl.program_id(0)
         oh = tl.arange(0, BLOCK_H)[:, None, None]
         oi = tl.arange(0, BLOCK_I)[None, :, None]
@@ -244,7 +241,7 @@ if _backend.triton_importable():
                             other=0.0)
                 cols = j0 + oj
                 valid = r_ok & (cols < T)
-                s, x, pre1, h1, pre2, h2, z = _scores(
+                s, x, h1, h2, z = _scores(
                     q, tl.trans(k, 0, 2, 1), b64, rows, oh, cols, valid, Prev, Noise, w1, b1, w2, b2, w3, b3,
                     sp_b, sp_h, sp_i, sp_j, sn_b, sn_h, sn_i, sn_j, scale, has_prev, has_noise,
                     BLOCK_H, BLOCK_I, BLOCK_J, BLOCK_F, SLOPE)
@@ -258,11 +255,11 @@ if _backend.triton_importable():
                     gw3 += tl.dot(dm, tl.trans(h2), input_precision="ieee")
                     gb3 += tl.sum(dm, axis=1)
                     dh2 = tl.dot(tl.trans(w3), dm, input_precision="ieee")
-                    dh2 = tl.where(pre2 > 0, dh2, dh2 * SLOPE)
+                    dh2 = tl.where(h2 > 0, dh2, dh2 * SLOPE)
                     gw2 += tl.dot(dh2, tl.trans(h1), input_precision="ieee")
                     gb2 += tl.sum(dh2, axis=1)
                     dh1 = tl.dot(tl.trans(w2), dh2, input_precision="ieee")
-                    dh1 = tl.where(pre1 > 0, dh1, dh1 * SLOPE)
+                    dh1 = tl.where(h1 > 0, dh1, dh1 * SLOPE)
                     gw1 += tl.dot(dh1, tl.trans(x), input_precision="ieee")
                     gb1 += tl.sum(dh1, axis=1)
                     du = tl.reshape(tl.dot(tl.trans(w1), dh1, input_precision="ieee"), (BLOCK_H, BLOCK_I, BLOCK_J))
@@ -271,7 +268,7 @@ if _backend.triton_importable():
                          ds.to(dPrev.dtype.element_ty), mask=valid & ((oh * 0 + has_prev) != 0))
                 da = ds * scale
                 dq += tl.dot(da.to(k.dtype), k, input_precision="ieee")
-                if T <= BLOCK_J:  # the whole sequence is this tile: dk, dv here (no key-tile kernel)
+                if T <= BLOCK_I:  # the whole sequence is this tile: dk, dv here (no key-tile kernel)
                     dk = tl.dot(tl.trans(da, 0, 2, 1).to(q.dtype), q, input_precision="ieee")
                     dv = tl.dot(tl.trans(p, 0, 2, 1).to(go.dtype), go, input_precision="ieee")
                     tl.store(dK + b64 * sdk_b + oh * sdk_h + kr * sdk_t + od * sdk_d, dk.to(dK.dtype.element_ty),
@@ -336,7 +333,7 @@ if _backend.triton_importable():
                 go = tl.load(GO + b64 * sgo_b + oh * sgo_h + rows * sgo_t + od * sgo_d, mask=r_ok & (od < DV),
                              other=0.0)
                 lse = tl.load(Lse + b64 * sl_b + oh * sl_h + rows * sl_t, mask=r_ok, other=0.0)
-                _, _, _, _, _, _, z = _scores(q, kt, b64, rows, oh, cols, valid, Prev, Noise,
+                _, _, _, _, z = _scores(q, kt, b64, rows, oh, cols, valid, Prev, Noise,
                                               w1, b1, w2, b2, w3, b3, sp_b, sp_h, sp_i, sp_j, sn_b, sn_h, sn_i, sn_j,
                                               scale, has_prev, has_noise, BLOCK_H, BLOCK_I, BLOCK_J, BLOCK_F, SLOPE)
                 p = tl.where(valid, tl.exp(z - lse), 0.0)
@@ -395,7 +392,8 @@ def nested_attention_forward(q, k, v, prev_logits, head_mlp, noise, scale):
         return out, z, lse
     use_mlp = prev_logits is not None and len(head_mlp) > 0
     bh, bf, bd, warps = triton_config(T, d, dv, H, use_mlp)
-    n_prog = _n_prog(B * -(-T // BLOCK_I))
+    bi = BLOCK_I
+    n_prog = _n_prog(B * -(-T // bi))
     prev = prev_logits if prev_logits is not None else z
     nz = noise if noise is not None else z
     _nested_fwd_kernel[(n_prog,)](
@@ -403,7 +401,7 @@ def nested_attention_forward(q, k, v, prev_logits, head_mlp, noise, scale):
         *q.stride(), *k.stride(), *v.stride(), *prev.stride(), *nz.stride(),
         *out.stride(), *z.stride(), *lse.stride(),
         B, H, T, d, dv, 4 * H, float(scale), int(prev_logits is not None), int(noise is not None), n_prog,
-        BLOCK_H=bh, BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, BLOCK_D=bd, BLOCK_F=bf, SLOPE=LEAKY_SLOPE, num_warps=warps)
+        BLOCK_H=bh, BLOCK_I=bi, BLOCK_J=BLOCK_J, BLOCK_D=bd, BLOCK_F=bf, SLOPE=LEAKY_SLOPE, num_warps=warps)
     return out, z, lse
 
 
@@ -419,7 +417,9 @@ def nested_attention_backward(grad_out, grad_z, q, k, v, prev_logits, head_mlp, 
     dv = q.new_empty((B, H, T, dvd))
     dprev = q.new_empty((B, H, T, T)) if prev_logits is not None else None
     use_mlp = prev_logits is not None and len(head_mlp) > 0
-    n_prog = _n_prog(B * -(-T // BLOCK_I))
+    bh, bf, bd, warps = triton_config(T, d, dvd, H, use_mlp)
+    bi = BLOCK_I
+    n_prog = _n_prog(B * -(-T // bi))
     shapes = ((F, H), (F,), (F, F), (F,), (H, F), (H,))
     partials = [q.new_zeros((n_prog, *s), dtype=torch.float32) for s in shapes] if use_mlp else [q] * 6
     if B > 0 and T > 0:
@@ -430,18 +430,17 @@ def nested_attention_backward(grad_out, grad_z, q, k, v, prev_logits, head_mlp, 
         prev = prev_logits if prev_logits is not None else q
         nz = noise if noise is not None else q
         dp = dprev if dprev is not None else q
-        bh, bf, bd, warps = triton_config(T, d, dvd, H, use_mlp)
         common = (*grad_out.stride(), *_strides4(grad_z), *q.stride(), *k.stride(), *v.stride(),
                   *_strides4(prev_logits), *_strides4(noise), *lse.stride())
         flags = (B, H, T, d, dvd, F, float(scale), int(prev_logits is not None), int(noise is not None),
                  int(grad_z is not None))
-        meta = dict(BLOCK_H=bh, BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, BLOCK_D=bd, BLOCK_F=bf, SLOPE=LEAKY_SLOPE,
+        meta = dict(BLOCK_H=bh, BLOCK_I=bi, BLOCK_J=BLOCK_J, BLOCK_D=bd, BLOCK_F=bf, SLOPE=LEAKY_SLOPE,
                     num_warps=warps)
         inputs = (grad_out, gz, q, k, v, prev, nz, *_mlp_args(q, head_mlp, use_mlp), lse, delta)
         _nested_bwd_q_kernel[(n_prog,)](
             *inputs, dq, dk, dv, dp, *partials, *common,
             *dq.stride(), *dk.stride(), *dv.stride(), *_strides4(dprev), *flags, n_prog, **meta)
-        if T > BLOCK_J:  # several key tiles: dk, dv by key tile (reads dS back from dprev)
+        if T > bi:  # several tiles: dk, dv by key tile (reads dS back from dprev)
             n_kv = _n_prog(B * -(-T // BLOCK_J))
             _nested_bwd_kv_kernel[(n_kv,)](
                 *inputs, dp, dk, dv, *common, *_strides4(dprev), *dk.stride(), *dv.stride(), *flags, n_kv, **meta)
