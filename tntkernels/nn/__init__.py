@@ -1,9 +1,10 @@
 """Drop-in modules keeping timm's parameter names, so `load_state_dict` just works."""
 from .attention import Attention
 from .block import TNTBlock, fused_inner_sublayer
+from .hsim import HsimSplitLinear
 from .layers import DropPath, Mlp
 from .nested_attention import HeadMlp, NestedAttention
 from .nested_block import NestedTNTBlock
 
 __all__ = ["Attention", "TNTBlock", "Mlp", "DropPath", "fused_inner_sublayer", "NestedAttention", "HeadMlp",
-           "NestedTNTBlock"]
+           "NestedTNTBlock", "HsimSplitLinear"]
