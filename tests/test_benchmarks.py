@@ -65,3 +65,24 @@ def test_bench_hsim_split_smoke(tmp_path):
     assert {r["pass_"] for r in data["rows"]} == {"fwd", "bwd", "fwd+bwd"}
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "hsim.png").stat().st_size > 0
+
+
+def test_bench_train_smoke(tmp_path):
+    pytest.importorskip("timm")
+    out = tmp_path / "train.json"
+    rows = load("bench_train").main(["--device", "cpu", "--quick", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["meta"]["torch"] and data["meta"]["commit"] is not None and data["complete"] is True
+    assert data["rows"] == json.loads(json.dumps(rows))
+    impls = {r["impl"] for r in data["rows"]}
+    assert {"timm_eager", "timm+swap_in", "vit_s16", "nested_tnt_s", "rtnt_ti"} <= impls
+    if _backend.cpp_available():
+        assert "timm+swap_in(cpu)" in impls
+    assert {r["group"] for r in data["rows"]} == {"tnt_s", "vit_s16", "nested_tnt_s", "rtnt_ti"}
+    for r in data["rows"]:
+        assert r["batch"] == 2 and r["steps"] == 2, r
+        assert r["note"] == "" and r["img_per_s"] > 0, r  # every candidate runs on CPU
+        assert r["step_ms_p20"] <= r["step_ms"] <= r["step_ms_p80"], r
+        assert abs(r["img_per_s"] - 2 / (r["step_ms"] * 1e-3)) < 1e-6 * r["img_per_s"]
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "train.png").stat().st_size > 0
