@@ -54,7 +54,7 @@ if _backend.cpp_available():
 
     @torch.library.register_fake("tntkernels::hsim_split_linear_backward")
     def _hsim_split_linear_backward_fake(grad_y, x, mix_weight, mix_bias, block_weight, block_bias):
-        return [x.new_empty(x.shape)] + [torch.empty_like(t) if t is not None else x.new_empty((0,))
+        return [x.new_empty(x.shape)] + [t.new_empty(t.shape) if t is not None else x.new_empty((0,))
                                          for t in (mix_weight, mix_bias, block_weight, block_bias)]
 
     torch.library.register_autograd("tntkernels::hsim_split_linear", _backward, setup_context=_setup_context)

@@ -25,8 +25,8 @@ shape. Backward = dz (block part) → dA / da (block part) → dx, dM, dm (mix p
 because dx needs dz of every head (one kernel would have to redo the block GEMM H times).
 
 Supports float32, float16, bfloat16; any N; d ≤ 256 (tensor-core tiles of 64/128/256 columns, d a
-multiple of 16 recommended); H ≤ 64. Block sizes are autotuned on GPU (key: D, H) and fixed under
-TRITON_INTERPRET=1.
+multiple of 16 recommended); H ≤ 64. Block sizes are autotuned on GPU (key: D, H, mix or not,
+BLOCK_J, precision) and fixed under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
@@ -205,7 +205,8 @@ if _backend.triton_importable():
             tl.store(dap + base + js, acc_b, mask=j_ok)
 
     _block_kernel_tuned = triton.autotune(
-        configs=[triton.Config({"BLOCK_N": bn}, num_warps=w) for bn, w in _TUNE], key=["D", "H"])(_block_kernel)
+        configs=[triton.Config({"BLOCK_N": bn}, num_warps=w) for bn, w in _TUNE],
+        key=["D", "H", "HAS_MIX", "BLOCK_J", "PRECISION"])(_block_kernel)
 
 
 def _check(x: torch.Tensor, H: int, d: int) -> None:
@@ -364,7 +365,7 @@ def _hsim_split_triton_backward_op(
 
 @_hsim_split_triton_backward_op.register_fake
 def _hsim_split_triton_backward_fake(grad_y, x, mix_weight, mix_bias, block_weight, block_bias):
-    return [x.new_empty(x.shape)] + [torch.empty_like(t) if t is not None else x.new_empty((0,))
+    return [x.new_empty(x.shape)] + [t.new_empty(t.shape) if t is not None else x.new_empty((0,))
                                      for t in (mix_weight, mix_bias, block_weight, block_bias)]
 
 

@@ -83,7 +83,8 @@ if _backend.cpp_available():
 
     @torch.library.register_fake("tntkernels::inner_attention_backward")
     def _inner_attention_backward_fake(grad_out, q, k, v, out, lse, scale):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        # contiguous, as the C++ op returns them (empty_like would copy a permuted input's strides)
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     torch.library.register_autograd(
         "tntkernels::inner_attention",

@@ -520,7 +520,7 @@ def _inner_block_triton_backward_op(grad_y: torch.Tensor, x: torch.Tensor, param
 
 @_inner_block_triton_backward_op.register_fake
 def _inner_block_triton_backward_fake(grad_y, x, params, attn_scale, mlp_scale, num_heads, eps_in, eps_mlp):
-    return [x.new_empty(x.shape)] + [torch.empty_like(p) for p in params]
+    return [x.new_empty(x.shape)] + [p.new_empty(p.shape) for p in params]
 
 
 def _setup_context(ctx, inputs, output):

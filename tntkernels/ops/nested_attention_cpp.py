@@ -97,10 +97,10 @@ if _backend.cpp_available():
     @torch.library.register_fake("tntkernels::nested_attention_backward")
     def _nested_attention_backward_fake(grad_out, grad_logits, q, k, v, prev_logits, head_mlp, out, logits, lse,
                                         scale):
-        res = [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-               torch.empty_like(prev_logits) if prev_logits is not None else q.new_empty((0,))]
+        res = [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+               prev_logits.new_empty(prev_logits.shape) if prev_logits is not None else q.new_empty((0,))]
         if _mlp_used(prev_logits, head_mlp):
-            res += [torch.empty_like(w) for w in head_mlp]
+            res += [w.new_empty(w.shape) for w in head_mlp]
         return res
 
     torch.library.register_autograd("tntkernels::nested_attention", _backward, setup_context=_setup_context)

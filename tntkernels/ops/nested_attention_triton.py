@@ -492,7 +492,7 @@ def _nested_attention_triton_backward_fake(grad_out, grad_z, q, k, v, prev_logit
     B, H, T, d = q.shape
     use_mlp = prev_logits is not None and len(head_mlp) > 0
     dprev = q.new_empty((B, H, T, T)) if prev_logits is not None else None
-    grads = [torch.empty_like(t) for t in head_mlp] if use_mlp else []
+    grads = [t.new_empty(t.shape) for t in head_mlp] if use_mlp else []
     return _pack_backward(q, q.new_empty((B, H, T, d)), q.new_empty((B, H, T, d)),
                           q.new_empty((B, H, T, v.shape[-1])), dprev, grads)
 
