@@ -66,6 +66,27 @@ def nested_attention_ref(q, k, v, prev_logits=None, head_mlp=None, noise=None, s
     return out, z
 
 
+def check_inputs(op: str, q, k, v, prev_logits, head_mlp, noise, scale):
+    """The checks every entry point of nested attention makes (shapes as `nested_attention`).
+
+    Returns (head_mlp as a tuple or None, scale as given or None).
+    Raises TypeError / ValueError naming the expected shape, dtype or device of the offending input.
+    """
+    check_tensor(op, "q", q, 4, "(B, H, T, d)")
+    check_tensor(op, "k", k, 4, "(B, H, T, d)")
+    check_tensor(op, "v", v, 4, "(B, H, T, dv)")
+    check_same(op, "q", q, k=k, v=v, prev_logits=prev_logits, noise=noise)
+    B, H, T, _ = q.shape
+    check_shape(op, "k", k, q.shape, "(B, H, T, d)")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"{op}: v must have shape (B, H, T, dv) with (B, H, T) = {(B, H, T)}, got {tuple(v.shape)}")
+    for name, t in (("prev_logits", prev_logits), ("noise", noise)):
+        if t is not None:
+            check_tensor(op, name, t, 4, "(B, H, T, T)")
+            check_shape(op, name, t, (B, H, T, T), "(B, H, T, T)")
+    return _check_head_mlp(op, head_mlp, H, q), check_scale(op, scale)
+
+
 def _check_head_mlp(op: str, head_mlp, H: int, q: torch.Tensor):
     if head_mlp is None:
         return None
@@ -119,20 +140,7 @@ def nested_attention(q, k, v, prev_logits=None, *, head_mlp=None, noise=None, sc
     Source: CODA (Zheng et al. 2021), Nested-TNT (Liu et al. 2024, arXiv 2404.13434), RealFormer.
     """
     op = "nested_attention"
-    check_tensor(op, "q", q, 4, "(B, H, T, d)")
-    check_tensor(op, "k", k, 4, "(B, H, T, d)")
-    check_tensor(op, "v", v, 4, "(B, H, T, dv)")
-    check_same(op, "q", q, k=k, v=v, prev_logits=prev_logits, noise=noise)
-    B, H, T, _ = q.shape
-    check_shape(op, "k", k, q.shape, "(B, H, T, d)")
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"{op}: v must have shape (B, H, T, dv) with (B, H, T) = {(B, H, T)}, got {tuple(v.shape)}")
-    for name, t in (("prev_logits", prev_logits), ("noise", noise)):
-        if t is not None:
-            check_tensor(op, name, t, 4, "(B, H, T, T)")
-            check_shape(op, name, t, (B, H, T, T), "(B, H, T, T)")
-    head_mlp = _check_head_mlp(op, head_mlp, H, q)
-    scale = check_scale(op, scale)
+    head_mlp, scale = check_inputs(op, q, k, v, prev_logits, head_mlp, noise, scale)
     name = _backend.resolve(op, backend, q.device, _IMPLEMENTED, _PREFERENCE)
     return _IMPLEMENTED[name](q, k, v, prev_logits, head_mlp, noise, scale)
 

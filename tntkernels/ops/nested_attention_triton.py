@@ -39,8 +39,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-from ._checks import check_same, check_scale, check_shape, check_tensor
-from .nested_attention import LEAKY_SLOPE, _check_head_mlp, nested_attention_ref
+from .nested_attention import LEAKY_SLOPE, check_inputs, nested_attention_ref
 
 MAX_TRITON_TOKENS = 1024  # T (the outer level of TNT-S/B at 384² has 577 tokens)
 MAX_TRITON_HEADS = 16  # H: every head of a tile sits in one program
@@ -559,26 +558,12 @@ def nested_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
         H > 16, d or dv > 64, or float64.
         RuntimeError: Triton cannot run on the tensors' device.
     """
-    op = "nested_attention_triton"
-    check_tensor(op, "q", q, 4, "(B, H, T, d)")
-    check_tensor(op, "k", k, 4, "(B, H, T, d)")
-    check_tensor(op, "v", v, 4, "(B, H, T, dv)")
-    check_same(op, "q", q, k=k, v=v, prev_logits=prev_logits, noise=noise)
-    B, H, T, _ = q.shape
-    check_shape(op, "k", k, q.shape, "(B, H, T, d)")
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"{op}: v must have shape (B, H, T, dv) with (B, H, T) = {(B, H, T)}, got {tuple(v.shape)}")
-    for name, t in (("prev_logits", prev_logits), ("noise", noise)):
-        if t is not None:
-            check_tensor(op, name, t, 4, "(B, H, T, T)")
-            check_shape(op, name, t, (B, H, T, T), "(B, H, T, T)")
+    head_mlp, scale = check_inputs("nested_attention_triton", q, k, v, prev_logits, head_mlp, noise, scale)
     _check_triton(q, v)
-    head_mlp = _check_head_mlp(op, head_mlp, H, q)
-    scale = check_scale(op, scale)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     why = _backend.why_unavailable("triton", q.device)
     if why is not None:
-        raise RuntimeError(f"{op}: {why}")
+        raise RuntimeError(f"nested_attention_triton: {why}")
     out, z, _ = _nested_attention_triton_op(q, k, v, prev_logits, list(head_mlp) if head_mlp else [], noise, scale)
     return out, z
