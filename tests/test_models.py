@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tntkernels import _backend
 from tntkernels.models import RTNT, TNT, create_model, list_models
 from tntkernels.nn import Attention
 
@@ -379,3 +380,17 @@ def test_input_size_error(name):
     for bad in (torch.randn(2, 1, 28, 28), torch.randn(2, 3, 32, 32), torch.randn(1, 32, 32)):
         with pytest.raises(ValueError, match=r"\(1, 32, 32\)"):
             m(bad)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("name", ["tnt_t_patch8_32", "rtnt_n_patch8_32", "nested_tnt_t_patch8_32"])
+def test_empty_batch_runs_forward_and_backward(name, backend):
+    """A batch of 0 images (a process's empty share of the last global batch under torchrun)."""
+    if backend == "cpu" and not _backend.cpp_available():
+        pytest.skip("the compiled extension tntkernels._C is not built")
+    model = create_model(name, num_classes=10, in_chans=1, img_size=32, backend=backend)
+    logits = model(torch.zeros(0, 1, 32, 32))
+    assert logits.shape == (0, 10)
+    torch.nn.functional.cross_entropy(logits, torch.zeros(0, dtype=torch.long), reduction="sum").backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and not p.grad.any(), pname  # every parameter gets a zero gradient

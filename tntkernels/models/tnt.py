@@ -226,7 +226,7 @@ class TNT(ClassifierHead, nn.Module):
         check_image(type(self).__name__, x, self.input_size)
         B = x.shape[0]
         words = self.pixel_embed(x, self.pixel_pos)  # (B·N, m, c)
-        sentences = self.norm2_proj(self.proj(self.norm1_proj(words.reshape(B, self.num_patches, -1))))  # (B, N, d)
+        sentences = self.norm2_proj(self.proj(self.norm1_proj(words.reshape(B, self.num_patches, words.shape[1] * words.shape[2]))))  # (B, N, d)
         sentences = torch.cat([self.cls_token.expand(B, -1, -1), sentences], dim=1)  # (B, N+1, d)
         return words, self.pos_drop(sentences + self.patch_pos)
 

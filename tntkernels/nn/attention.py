@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.inner_attention import inner_attention, inner_attention_ref
+from ._checks import check_backend, check_is_tensor, check_positive_int
 
 
 class Attention(nn.Module):
@@ -23,7 +24,9 @@ class Attention(nn.Module):
         forward(x): x (B, N, C) → (B, N, C), x's dtype. For TNT's inner level B = batch × sentences,
         N = words; for the outer level B = batch, N = sentences + 1.
     Raises:
-        ValueError: dim or hidden_dim not divisible by num_heads; x not (B, N, dim).
+        ValueError: dim, hidden_dim or num_heads not a positive int; dim or hidden_dim not divisible
+            by num_heads; an unknown backend; x not (B, N, dim).
+        TypeError: x not a tensor.
     Source: Han et al. 2021 (TNT), Eq. 2-3.
     """
 
@@ -31,6 +34,8 @@ class Attention(nn.Module):
                  attn_drop: float = 0., proj_drop: float = 0., device=None, dtype=None, backend: str | None = None):
         dd = {"device": device, "dtype": dtype}
         super().__init__()
+        check_positive_int("Attention", dim=dim, hidden_dim=hidden_dim, num_heads=num_heads)
+        check_backend("Attention", backend)
         if hidden_dim % num_heads or dim % num_heads:
             raise ValueError(f"Attention: dim={dim} and hidden_dim={hidden_dim} must be divisible by "
                              f"num_heads={num_heads}")
@@ -46,12 +51,13 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_is_tensor("Attention", x=x)
         if x.dim() != 3 or x.shape[-1] != self.v.in_features:
             raise ValueError(f"Attention: x must be (B, N, {self.v.in_features}), got {tuple(x.shape)}")
         B, N, C = x.shape
         qk = self.qk(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (2, B, H, N, hd)
         q, k = qk.unbind(0)  # (B, H, N, hd)
-        v = self.v(x).reshape(B, N, self.num_heads, -1).permute(0, 2, 1, 3)  # (B, H, N, C/H)
+        v = self.v(x).reshape(B, N, self.num_heads, self.v.out_features // self.num_heads).permute(0, 2, 1, 3)  # (B, H, N, C/H)
         if self.training and self.attn_drop.p > 0:
             attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)  # (B, H, N, N)
             out = self.attn_drop(attn) @ v

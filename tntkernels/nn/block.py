@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.inner_block import fused_available, inner_block
+from ._checks import check_is_tensor, check_positive_int
 from .attention import Attention
 from .layers import DropPath, Mlp
 
@@ -91,6 +92,9 @@ class TNTBlock(nn.Module):
         forward(pixel_embed (B·N, m, c), patch_embed (B, N + 1, d)) →
             (pixel_embed (B·N, m, c), patch_embed (B, N + 1, d)); the class token (index 0) gets no
             word contribution.
+    Raises:
+        ValueError: dim, dim_out or num_pixel not a positive int (or the attentions' checks);
+            forward inputs not of those shapes. TypeError: a forward input not a tensor.
     Source: Han et al. 2021 (TNT), Eq. 4-7; timm `tnt.py` (names, layouts).
     """
 
@@ -101,6 +105,8 @@ class TNTBlock(nn.Module):
                  backend: str | None = None):
         dd = {"device": device, "dtype": dtype}
         super().__init__()
+        check_positive_int(type(self).__name__, dim=dim, dim_out=dim_out, num_pixel=num_pixel)
+        self.dim, self.dim_out, self.num_pixel = dim, dim_out, num_pixel
         self.norm_in = norm_layer(dim, **dd)
         self.attn_in = Attention(dim, dim, num_heads=num_heads_in, qkv_bias=qkv_bias, attn_drop=attn_drop,
                                  proj_drop=proj_drop, backend=backend, **dd)
@@ -122,7 +128,21 @@ class TNTBlock(nn.Module):
         self.norm_mlp = norm_layer(dim_out, **dd)
         self.mlp = Mlp(dim_out, int(dim_out * mlp_ratio), dim_out, act_layer=act_layer, drop=proj_drop, **dd)
 
+    def check_inputs(self, pixel_embed: torch.Tensor, patch_embed: torch.Tensor) -> None:
+        """pixel_embed (B·N, m, c) and patch_embed (B, N + 1, d) of this block's m, c and d, else ValueError."""
+        owner = type(self).__name__
+        check_is_tensor(owner, pixel_embed=pixel_embed, patch_embed=patch_embed)
+        if patch_embed.dim() != 3 or patch_embed.shape[1] < 1 or patch_embed.shape[2] != self.dim_out:
+            raise ValueError(f"{owner}: patch_embed must be (B, N + 1, d) with d = {self.dim_out}, got "
+                             f"{tuple(patch_embed.shape)}")
+        B, N1 = patch_embed.shape[0], patch_embed.shape[1]
+        expected = (B * (N1 - 1), self.num_pixel, self.dim)
+        if tuple(pixel_embed.shape) != expected:
+            raise ValueError(f"{owner}: pixel_embed must be (B·N, m, c) = {expected} for patch_embed (B, N + 1, d) = "
+                             f"{tuple(patch_embed.shape)}, got {tuple(pixel_embed.shape)}")
+
     def forward(self, pixel_embed: torch.Tensor, patch_embed: torch.Tensor):
+        self.check_inputs(pixel_embed, patch_embed)
         pixel_embed = self.forward_inner(pixel_embed)
         patch_embed = self.add_words(pixel_embed, patch_embed)
         return pixel_embed, self.forward_outer(patch_embed)
@@ -140,9 +160,9 @@ class TNTBlock(nn.Module):
         """Words → sentences: each sentence token (not the class token) gets its words' projection."""
         B, N, _ = patch_embed.shape
         if self.norm2_proj is None:
-            words = self.proj(self.norm1_proj(pixel_embed).reshape(B, N - 1, -1))  # (B, N-1, d)
+            words = self.proj(self.norm1_proj(pixel_embed).reshape(B, N - 1, pixel_embed.shape[1] * pixel_embed.shape[2]))  # (B, N-1, d)
         else:
-            words = self.norm2_proj(self.proj(self.norm1_proj(pixel_embed.reshape(B, N - 1, -1))))  # (B, N-1, d)
+            words = self.norm2_proj(self.proj(self.norm1_proj(pixel_embed.reshape(B, N - 1, pixel_embed.shape[1] * pixel_embed.shape[2]))))  # (B, N-1, d)
         return torch.cat([patch_embed[:, :1], patch_embed[:, 1:] + words], dim=1)  # (B, N, d)
 
     def forward_outer(self, patch_embed: torch.Tensor) -> torch.Tensor:

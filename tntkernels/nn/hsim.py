@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.hsim_split import hsim_split_linear
+from ._checks import check_backend, check_is_tensor, is_positive_int
 
 _PARTS = ("mix+block", "mix", "block")
 
@@ -26,17 +27,19 @@ class HsimSplitLinear(nn.Module):
     Parameters: mix_weight (d, H, H), mix_bias (d, H), block_weight (H, d, d), block_bias (H, d),
         for the parts present. Init: uniform(±1/√fan_in) as nn.Linear, fan_in = H (mix) or d (block).
     Raises:
-        ValueError: dim not divisible by num_heads, or an unknown `parts`.
+        ValueError: dim or num_heads not a positive int, dim not divisible by num_heads, an unknown
+            `parts` or backend; x not (..., dim). TypeError: x not a tensor.
     Source: Panigrahi et al., "Trainable Transformer in Transformer", arXiv 2307.01189, §3.
     """
 
     def __init__(self, dim: int, num_heads: int, bias: bool = True, parts: str = "mix+block",
                  backend: str | None = None, device=None, dtype=None):
         super().__init__()
-        if num_heads < 1 or dim % num_heads:
+        if not (is_positive_int(dim) and is_positive_int(num_heads)) or dim % num_heads:
             raise ValueError(f"HsimSplitLinear: dim ({dim}) must be a positive multiple of num_heads ({num_heads})")
         if parts not in _PARTS:
             raise ValueError(f"HsimSplitLinear: parts must be one of {_PARTS}, got {parts!r}")
+        check_backend("HsimSplitLinear", backend)
         dd = {"device": device, "dtype": dtype}
         self.dim, self.num_heads, self.head_dim, self.parts, self.backend = dim, num_heads, dim // num_heads, parts, backend
         H, d = num_heads, self.head_dim
@@ -57,7 +60,8 @@ class HsimSplitLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., dim) → (..., dim), x's dtype (parameters cast to it, e.g. under autocast)."""
-        if x.shape[-1] != self.dim:
+        check_is_tensor("HsimSplitLinear", x=x)
+        if x.dim() < 1 or x.shape[-1] != self.dim:
             raise ValueError(f"HsimSplitLinear: x must be (..., {self.dim}), got {tuple(x.shape)}")
         params = [p.to(x.dtype) if p is not None else None
                   for p in (self.mix_weight, self.mix_bias, self.block_weight, self.block_bias)]

@@ -1,6 +1,8 @@
 """Small building blocks with timm's parameter names (Mlp: fc1/fc2) so state_dicts match."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn as nn
 
@@ -29,6 +31,8 @@ class DropPath(nn.Module):
 
     def __init__(self, drop_prob: float = 0.):
         super().__init__()
+        if isinstance(drop_prob, bool) or not isinstance(drop_prob, numbers.Real):
+            raise TypeError(f"DropPath: drop_prob must be a float in [0, 1), got {type(drop_prob).__name__}")
         if not 0.0 <= drop_prob < 1.0:
             raise ValueError(f"DropPath: drop_prob must be in [0, 1), got {drop_prob}")
         self.drop_prob = drop_prob

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.nested_attention import nested_attention, nested_attention_ref
+from ._checks import check_backend, check_is_tensor, check_positive_int
 
 
 class HeadMlp(nn.Module):
@@ -17,6 +18,7 @@ class HeadMlp(nn.Module):
     def __init__(self, num_heads: int, device=None, dtype=None):
         dd = {"device": device, "dtype": dtype}
         super().__init__()
+        check_positive_int("HeadMlp", num_heads=num_heads)
         H = num_heads
         self.fc1 = nn.Linear(H, 4 * H, **dd)
         self.fc2 = nn.Linear(4 * H, 4 * H, **dd)
@@ -50,8 +52,9 @@ class NestedAttention(nn.Module):
         forward(x (B, N, C), prev_logits None or (B, H, N, N)) → (out (B, N, C), logits (B, H, N, N)),
         x's dtype; `logits` is what the next layer takes as prev_logits (layer 1: None).
     Raises:
-        ValueError: dim / hidden_dim not divisible by num_heads; x not (B, N, dim); prev_logits
-            not (B, H, N, N).
+        ValueError: dim, hidden_dim or num_heads not a positive int; dim / hidden_dim not divisible
+            by num_heads; an unknown backend; x not (B, N, dim); prev_logits not (B, H, N, N).
+        TypeError: x or prev_logits not a tensor.
     Source: Zheng et al. 2021 (CODA), Eq. 6-8; Liu et al. 2024 (Nested-TNT); He et al. 2021 (RealFormer).
     """
 
@@ -60,6 +63,8 @@ class NestedAttention(nn.Module):
                  device=None, dtype=None, backend: str | None = None):
         dd = {"device": device, "dtype": dtype}
         super().__init__()
+        check_positive_int("NestedAttention", dim=dim, hidden_dim=hidden_dim, num_heads=num_heads)
+        check_backend("NestedAttention", backend)
         if hidden_dim % num_heads or dim % num_heads:
             raise ValueError(f"NestedAttention: dim={dim} and hidden_dim={hidden_dim} must be divisible by "
                              f"num_heads={num_heads}")
@@ -77,6 +82,9 @@ class NestedAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, prev_logits: torch.Tensor | None = None):
+        check_is_tensor("NestedAttention", x=x)
+        if prev_logits is not None:
+            check_is_tensor("NestedAttention", prev_logits=prev_logits)
         if x.dim() != 3 or x.shape[-1] != self.v.in_features:
             raise ValueError(f"NestedAttention: x must be (B, N, {self.v.in_features}), got {tuple(x.shape)}")
         B, N, C = x.shape
@@ -85,7 +93,7 @@ class NestedAttention(nn.Module):
             raise ValueError(f"NestedAttention: prev_logits must be (B, H, N, N) = {(B, H, N, N)}, "
                              f"got {tuple(prev_logits.shape)}")
         q, k = self.qk(x).reshape(B, N, 2, H, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, hd)
-        v = self.v(x).reshape(B, N, H, -1).permute(0, 2, 1, 3)  # (B, H, N, C/H)
+        v = self.v(x).reshape(B, N, H, self.v.out_features // H).permute(0, 2, 1, 3)  # (B, H, N, C/H)
         if prev_logits is not None:
             prev_logits = prev_logits.to(q.dtype)
         head_mlp = None

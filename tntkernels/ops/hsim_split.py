@@ -77,7 +77,8 @@ def hsim_split_linear(x, mix_weight=None, mix_bias=None, block_weight=None, bloc
         (..., D), x's dtype; differentiable in x and every weight and bias.
     Raises:
         TypeError / ValueError: an input is not a tensor; shapes, dtypes or devices disagree; a bias
-            given without its weight.
+            given without its weight; D = 0; outside the "cuda" or "triton" backend's range above.
+            Every check: docs/bad-input.md.
         RuntimeError: the requested backend is not implemented or not available.
     Source: Panigrahi et al. 2023 (TinT), §3.
     """
@@ -85,6 +86,8 @@ def hsim_split_linear(x, mix_weight=None, mix_bias=None, block_weight=None, bloc
     check_tensor(op, "x", x)
     if x.dim() < 1:
         raise ValueError(f"{op}: x must have shape (..., D), got a 0-d tensor")
+    if x.shape[-1] < 1:
+        raise ValueError(f"{op}: x's last dim D must be >= 1 (D = H·d), got shape {tuple(x.shape)}")
     check_same(op, "x", x, mix_weight=mix_weight, mix_bias=mix_bias, block_weight=block_weight,
                block_bias=block_bias)
     D = x.shape[-1]
@@ -108,7 +111,18 @@ def hsim_split_linear(x, mix_weight=None, mix_bias=None, block_weight=None, bloc
         if block_bias is not None:
             check_shape(op, "block_bias", block_bias, (H, d), "(H, d)")
     name = _backend.resolve(op, backend, x.device, _IMPLEMENTED, _PREFERENCE)
+    if name == "cuda":
+        _check_cuda(op, x, H, d)  # as the CUDA op, even with both parts None (then H = 1, d = D)
     return _IMPLEMENTED[name](x, mix_weight, mix_bias, block_weight, block_bias)
+
+
+def _check_cuda(op: str, x: torch.Tensor, H: int, d: int) -> None:
+    """The CUDA C++ kernels' limits, checked here so they raise ValueError like the Triton ones."""
+    if x.dtype == torch.float64:
+        raise ValueError(f"{op}: the 'cuda' backend supports float32, float16 and bfloat16, got {x.dtype}")
+    if not (H <= hsim_split_cpp.CUDA_MAX_HEADS and d <= hsim_split_cpp.CUDA_MAX_HEAD_DIM):
+        raise ValueError(f"{op}: the 'cuda' backend supports H <= {hsim_split_cpp.CUDA_MAX_HEADS} heads and head "
+                         f"width d <= {hsim_split_cpp.CUDA_MAX_HEAD_DIM}, got H={H}, d={d}")
 
 
 # The kernels' modules import this one: import them last, to register their ops.

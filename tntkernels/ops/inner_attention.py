@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-from ._checks import check_same, check_scale, check_tensor
+from ._checks import check_head_dim, check_same, check_scale, check_tensor
 
 
 def inner_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
@@ -348,9 +348,10 @@ def inner_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     Returns:
         (S, H, m, dv), dtype of q. Differentiable with respect to q, k and v.
     Raises:
-        TypeError: an input is not a tensor.
-        ValueError: shapes, dtypes or devices disagree; scale not finite; backend unknown;
-            dv > 64 with the "cuda" backend; m, d or dv > 64 or float64 with the "triton" backend.
+        TypeError: an input is not a tensor; scale not a real number.
+        ValueError: shapes, dtypes or devices disagree; a sparse input; head_dim d = 0; scale not
+            finite; backend unknown; d or dv > 64 with the "cuda" backend; m, d or dv > 64 or
+            float64 with the "triton" backend. Every check: docs/bad-input.md.
         RuntimeError: the requested backend is not implemented or not available for q's device.
     Source: Han et al. 2021 (TNT), Eq. 2-3; Vaswani et al. 2017, Eq. 1.
     """
@@ -364,6 +365,7 @@ def inner_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     if v.shape[:3] != q.shape[:3]:
         raise ValueError(f"{op}: v must have shape (S, H, m, dv) with (S, H, m) = {tuple(q.shape[:3])}, "
                          f"got {tuple(v.shape)}")
+    check_head_dim(op, q, "(S, H, m, d)")
     scale = check_scale(op, scale)
     if scale is None:
         scale = q.shape[-1] ** -0.5

@@ -58,10 +58,17 @@ def _param_shapes(C: int, hidden: int) -> dict[str, tuple[int, ...]]:
 
 
 def _eps_pair(eps) -> tuple[float, float]:
-    if isinstance(eps, (tuple, list)):
-        eps_in, eps_mlp = (float(e) for e in eps)
-    else:
-        eps_in = eps_mlp = float(eps)
+    pair = isinstance(eps, (tuple, list))
+    if pair and len(eps) != 2:
+        raise ValueError(f"inner_block: eps must be one float or a pair (eps_in, eps_mlp), got {len(eps)} values")
+    try:
+        values = tuple(eps) if pair else (eps, eps)
+        if any(isinstance(e, (str, bytes)) for e in values):
+            raise TypeError
+        eps_in, eps_mlp = (float(e) for e in values)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"inner_block: eps must be a float or a pair of floats (eps_in, eps_mlp), "
+                        f"got {eps!r}") from None
     for e in (eps_in, eps_mlp):
         if not (e > 0 and e != float("inf")):
             raise ValueError(f"inner_block: LayerNorm eps must be a positive finite float, got {eps!r}")
@@ -218,6 +225,16 @@ if _backend.triton_importable():
         return sent, row_ok, row_off, same
 
     @triton.jit
+    def _poisoned_sentences(t, io_mask, same):
+        """Per row of a group tile: does the row's sentence hold a NaN or ±Inf in t? The group's
+        sentences share the attention GEMMs (P·v, dO·vᵀ, Pᵀ·dO, dS·k, dSᵀ·q), where a probability of
+        0 times another sentence's NaN is NaN: the kernels run the attention of a poisoned sentence
+        on zeros and write NaN for its result instead, as the reference's whole sentence is NaN."""
+        bad = io_mask & ((t != t) | (tl.abs(t) == float("inf")))
+        row_bad = tl.max(bad.to(tl.int32), axis=1)
+        return tl.max(tl.where(same, row_bad[None, :], 0), axis=1) > 0
+
+    @triton.jit
     def _inner_block_fwd_kernel(
         X, Y, LN1W, LN1B, QKW, QKB, VW, VB, PW, PB, LN2W, LN2B, W1, B1, W2, B2, SA, SM,
         sx_s, sx_m, sx_c, sy_s, sy_m,
@@ -241,12 +258,18 @@ if _backend.triton_importable():
         q = (_dot(xn, tl.trans(wq)) + _load_vec(QKB, offs_c, C)[None, :]).to(dt)
         k = (_dot(xn, tl.trans(wk)) + _load_vec(QKB + C, offs_c, C)[None, :]).to(dt)
         v = (_dot(xn, tl.trans(wv)) + _load_vec(VB, offs_c, C)[None, :]).to(dt)
+        poisoned = (_poisoned_sentences(q, io_mask, same) | _poisoned_sentences(k, io_mask, same)
+                    | _poisoned_sentences(v, io_mask, same))
+        q = tl.where(poisoned[:, None], 0.0, q).to(dt)
+        k = tl.where(poisoned[:, None], 0.0, k).to(dt)
+        v = tl.where(poisoned[:, None], 0.0, v).to(dt)
         o = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
         for h in range(H):
             e = _head_select(h, offs_c, offs_d, D, dt)
             v_h = _dot(v, e).to(dt)
             p = _softmax_probs(_dot(q, e).to(dt), _dot(k, e).to(dt), same, row_ok, scale)
             o += _dot(_dot(p.to(dt), v_h).to(dt), tl.trans(e))
+        o = tl.where(poisoned[:, None], float("nan"), o)
         wp = _load_mat(PW, offs_c, offs_c, C, C, C, dt)
         a = _dot(o.to(dt), tl.trans(wp)) + _load_vec(PB, offs_c, C)[None, :]
         s_attn = tl.load(SA + sent, mask=row_ok, other=0.0)
@@ -321,12 +344,17 @@ if _backend.triton_importable():
             q = (_dot(xn1, tl.trans(wq)) + bq[None, :]).to(dt)
             k = (_dot(xn1, tl.trans(wk)) + bk[None, :]).to(dt)
             v = (_dot(xn1, tl.trans(wv)) + bv[None, :]).to(dt)
+            poisoned = (_poisoned_sentences(q, io_mask, same) | _poisoned_sentences(k, io_mask, same)
+                        | _poisoned_sentences(v, io_mask, same))
+            q = tl.where(poisoned[:, None], 0.0, q).to(dt)
+            k = tl.where(poisoned[:, None], 0.0, k).to(dt)
+            v = tl.where(poisoned[:, None], 0.0, v).to(dt)
             o = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
             for h in range(H):
                 e = _head_select(h, offs_c, offs_d, D, dt)
                 p = _softmax_probs(_dot(q, e).to(dt), _dot(k, e).to(dt), same, row_ok, scale)
                 o += _dot(_dot(p.to(dt), _dot(v, e).to(dt)).to(dt), tl.trans(e))
-            o = o.to(dt)
+            o = tl.where(poisoned[:, None], float("nan"), o).to(dt)
             x1 = x + s_attn[:, None] * (_dot(o, tl.trans(wp)) + bp[None, :])
             xhat2, rstd2, xn2 = _layer_norm(x1, ln2w, ln2b, c_ok, C, eps2)
             xn2 = xn2.to(dt)
@@ -352,6 +380,8 @@ if _backend.triton_importable():
             da = da.to(dt)
             dwp += _dot(tl.trans(da), o)
             do = _dot(da, wp).to(dt)  # (BLOCK_R, BLOCK_C)
+            poisoned = poisoned | _poisoned_sentences(do, io_mask, same)
+            do = tl.where(poisoned[:, None], 0.0, do).to(dt)
             dq = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
             dk = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
             dv = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
@@ -367,6 +397,9 @@ if _backend.triton_importable():
                 dv += _dot(_dot(tl.trans(p.to(dt)), do_h).to(dt), tl.trans(e))
                 dq += _dot(_dot(ds, k_h).to(dt), tl.trans(e))
                 dk += _dot(_dot(tl.trans(ds), q_h).to(dt), tl.trans(e))
+            dq = tl.where(poisoned[:, None], float("nan"), dq)
+            dk = tl.where(poisoned[:, None], float("nan"), dk)
+            dv = tl.where(poisoned[:, None], float("nan"), dv)
             dbq += tl.sum(dq, axis=0)
             dbk += tl.sum(dk, axis=0)
             dbv += tl.sum(dv, axis=0)
@@ -617,24 +650,39 @@ def inner_block(x: torch.Tensor, params: Mapping[str, torch.Tensor | None], *, n
     Returns:
         (S, m, C), contiguous, x's dtype. Differentiable with respect to x and every parameter.
     Raises:
-        TypeError: x or a parameter is not a tensor.
-        ValueError: x not 3-D; a parameter missing or of the wrong shape; C not divisible by
-            num_heads; tensors on different devices; eps not positive; with backend "triton": a
-            dtype, m, C or hidden width outside its range (m, C <= 64, hidden <= 4·next_pow2(C)).
+        TypeError: x or a parameter is not a tensor; params not a mapping; eps, compute_dtype or
+            drop_path_scales of the wrong type.
+        ValueError: x not 3-D or C = 0; a parameter missing or of the wrong shape; C not divisible by
+            num_heads; tensors on different devices; eps not positive; compute_dtype neither x's
+            dtype nor float16/bfloat16 with a float32 x; with backend "triton": a dtype, m, C or
+            hidden width outside its range (m, C <= 64, hidden <= 4·next_pow2(C)).
+            Every check: docs/bad-input.md.
         RuntimeError: the backend is unknown for this op or unavailable on x's device.
     Source: Han et al. 2021 (TNT), Eq. 4-5; timm `timm.models.tnt.Block.forward` (inner half).
     """
     op = "inner_block"
     check_tensor(op, "x", x, 3, "(S, m, C)")
     S, m, C = x.shape
+    if C < 1:
+        raise ValueError(f"{op}: x must have width C >= 1 in (S, m, C), got shape {tuple(x.shape)}")
     if not isinstance(num_heads, int) or num_heads < 1 or C % num_heads:
         raise ValueError(f"{op}: num_heads must be a positive int dividing C = {C}, got {num_heads!r}")
+    if not isinstance(params, Mapping):
+        raise TypeError(f"{op}: params must be a mapping of timm names to tensors (e.g. a dict or "
+                        f"module.state_dict()), got {type(params).__name__}")
     w1 = params.get("mlp_in.fc1.weight")
     if not isinstance(w1, torch.Tensor) or w1.dim() != 2:
         raise ValueError(f"{op}: params['mlp_in.fc1.weight'] must be a (hidden, C) tensor")
     hidden = w1.shape[0]
     shapes = _param_shapes(C, hidden)
     compute = compute_dtype or x.dtype
+    if not isinstance(compute, torch.dtype):
+        raise TypeError(f"{op}: compute_dtype must be None or a torch.dtype, got {type(compute).__name__} {compute!r}")
+    if compute != x.dtype and not (x.dtype == torch.float32 and compute in (torch.float16, torch.bfloat16)):
+        # as autocast: only a float32 stream may compute in float16 / bfloat16 (anything else autocast
+        # ignores with a warning, running silently in x's dtype)
+        raise ValueError(f"{op}: compute_dtype must be x's dtype, or float16/bfloat16 with a float32 x; "
+                         f"got x {x.dtype}, compute_dtype {compute}")
     flat = []
     for name in PARAM_NAMES:
         t = params.get(name)
@@ -651,6 +699,9 @@ def inner_block(x: torch.Tensor, params: Mapping[str, torch.Tensor | None], *, n
             raise ValueError(f"{op}: params[{name!r}] is on {t.device} but x is on {x.device}")
         flat.append(t)
     if drop_path_scales is not None:
+        if not hasattr(drop_path_scales, "__len__"):
+            raise TypeError(f"{op}: drop_path_scales must be None or a pair (s_attn, s_mlp), got "
+                            f"{type(drop_path_scales).__name__}")
         if len(drop_path_scales) != 2:
             raise ValueError(f"{op}: drop_path_scales must be None or (s_attn, s_mlp)")
         for t, what in zip(drop_path_scales, ("s_attn", "s_mlp")):
@@ -669,9 +720,6 @@ def inner_block(x: torch.Tensor, params: Mapping[str, torch.Tensor | None], *, n
         with torch.autocast(x.device.type, dtype=compute):  # what compute_dtype stands for
             return inner_block_ref(x, named, num_heads=num_heads, eps=(eps_in, eps_mlp),
                                    drop_path_scales=drop_path_scales)
-    if compute not in _FUSED_DTYPES or (compute != x.dtype and x.dtype != torch.float32):
-        raise ValueError(f"{op}: the 'triton' backend needs compute_dtype = x's dtype, or float16/bfloat16 with a "
-                         f"float32 x; got x {x.dtype}, compute_dtype {compute}")
     zeros = {"attn_in.qk.bias": 2 * C, "attn_in.v.bias": C}
     # LayerNorm parameters stay float32 (LayerNorm runs in float32, as under CUDA autocast); the
     # Linear weights and biases take the compute dtype, as autocast casts them.

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend
-from ._checks import check_same, check_scale, check_shape, check_tensor
+from ._checks import check_head_dim, check_same, check_scale, check_shape, check_tensor
 
 LEAKY_SLOPE = 0.2
 
@@ -80,6 +80,7 @@ def check_inputs(op: str, q, k, v, prev_logits, head_mlp, noise, scale):
     check_shape(op, "k", k, q.shape, "(B, H, T, d)")
     if v.shape[:3] != q.shape[:3]:
         raise ValueError(f"{op}: v must have shape (B, H, T, dv) with (B, H, T) = {(B, H, T)}, got {tuple(v.shape)}")
+    check_head_dim(op, q, "(B, H, T, d)")
     for name, t in (("prev_logits", prev_logits), ("noise", noise)):
         if t is not None:
             check_tensor(op, name, t, 4, "(B, H, T, T)")
@@ -90,6 +91,9 @@ def check_inputs(op: str, q, k, v, prev_logits, head_mlp, noise, scale):
 def _check_head_mlp(op: str, head_mlp, H: int, q: torch.Tensor):
     if head_mlp is None:
         return None
+    if isinstance(head_mlp, torch.Tensor) or not hasattr(head_mlp, "__iter__"):
+        raise TypeError(f"{op}: head_mlp must be None or a sequence of 6 tensors (w1, b1, w2, b2, w3, b3), "
+                        f"got {type(head_mlp).__name__}")
     head_mlp = tuple(head_mlp)
     if len(head_mlp) != 6:
         raise ValueError(f"{op}: head_mlp must be 6 tensors (w1, b1, w2, b2, w3, b3), got {len(head_mlp)}")
@@ -101,6 +105,17 @@ def _check_head_mlp(op: str, head_mlp, H: int, q: torch.Tensor):
         check_same(op, "q", q, **{f"head_mlp.{name}": t})
         check_shape(op, f"head_mlp.{name}", t, shape, dim)
     return head_mlp
+
+
+def _check_cuda(op: str, q: torch.Tensor, v: torch.Tensor) -> None:
+    """The CUDA C++ kernels' limits, checked here so they raise ValueError like the Triton ones."""
+    B, H, T, d = q.shape
+    cpp = nested_attention_cpp
+    if q.dtype == torch.float64:
+        raise ValueError(f"{op}: the 'cuda' backend supports float32, float16 and bfloat16, got {q.dtype}")
+    if not (T <= cpp.CUDA_MAX_TOKENS and H <= cpp.CUDA_MAX_HEADS and max(d, v.shape[-1]) <= cpp.CUDA_MAX_HEAD_DIM):
+        raise ValueError(f"{op}: the 'cuda' backend supports T <= {cpp.CUDA_MAX_TOKENS}, H <= {cpp.CUDA_MAX_HEADS} "
+                         f"and d, dv <= {cpp.CUDA_MAX_HEAD_DIM}, got T={T}, H={H}, d={d}, dv={v.shape[-1]}")
 
 
 def _compiled(q, k, v, prev_logits, head_mlp, noise, scale):
@@ -135,13 +150,17 @@ def nested_attention(q, k, v, prev_logits=None, *, head_mlp=None, noise=None, sc
     Returns:
         (out (B, H, T, dv), logits (B, H, T, T)), q's dtype; differentiable in every tensor input.
     Raises:
-        TypeError / ValueError: an input is not a tensor, or shapes, dtypes or devices disagree.
+        TypeError / ValueError: an input is not a tensor, or shapes, dtypes or devices disagree;
+            head_dim d = 0; scale not a finite real number; backend unknown; outside the "cuda" or
+            "triton" backend's range above. Every check: docs/bad-input.md.
         RuntimeError: the requested backend is not implemented or not available.
     Source: CODA (Zheng et al. 2021), Nested-TNT (Liu et al. 2024, arXiv 2404.13434), RealFormer.
     """
     op = "nested_attention"
     head_mlp, scale = check_inputs(op, q, k, v, prev_logits, head_mlp, noise, scale)
     name = _backend.resolve(op, backend, q.device, _IMPLEMENTED, _PREFERENCE)
+    if name == "cuda":
+        _check_cuda(op, q, v)
     return _IMPLEMENTED[name](q, k, v, prev_logits, head_mlp, noise, scale)
 
 

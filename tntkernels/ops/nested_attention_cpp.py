@@ -72,6 +72,14 @@ def _backward(ctx, grad_out, grad_logits, grad_lse):
         for i, g in zip(need, got):
             grads[i] = g
     else:
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            # The kernels rebuild P = exp(logits − lse) from the logits saved in q's dtype, while the
+            # forward's lse is that of the unrounded float32 logits: P's rows then miss 1 by
+            # ~eps·|Z|, dZ = P ∘ (dP − rowsum(P ∘ dP)) no longer sums to 0 over the keys, and dq / dk
+            # err by ~eps·|Z|·|rowsum| (bf16, |Z| ~ 10, v rows sharing a common part: dq ~100% off,
+            # 20× PyTorch's error; found by tests/test_fuzz.py). The lse of the saved logits makes P
+            # exactly softmax(saved Z), as the reference's backward in this dtype.
+            lse = torch.logsumexp(logits.float(), dim=-1)
         res = torch.ops.tntkernels.nested_attention_backward(
             grad_out.contiguous(), None if grad_logits is None else grad_logits.contiguous(),
             q, k, v, prev, head_mlp, out, logits, lse, ctx.scale)
