@@ -185,14 +185,15 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, capsys, monkey
     assert [without_timing(m) for m in metrics(straight)] == [without_timing(m) for m in metrics(tmp_path)]
 
 
-def test_sigint_to_a_real_process_saves_and_exits_130(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_to_a_real_process_saves_and_exits_130(tmp_path, sig):
     cmd = [sys.executable, "-m", "tntkernels.train", "--limit-train", "64", "--limit-test", "16",
            "--batch-size", "16", "--epochs", "50", "--out", str(tmp_path)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert "params" in proc.stdout.readline()  # the header: training is about to start
         time.sleep(1.0)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
@@ -225,6 +226,9 @@ def _write_bad_mnist(root: Path) -> Path:
     (["--resume", "{tmp}/missing.pt"], ["no checkpoint at"]),
     (["--device", "cpu", "--backend", "cuda"], ["--backend cuda cannot run on cpu"]),
     (["--device", "cpu", "--backend", "tpu"], ["invalid choice: 'tpu'"]),
+    (["--fsdp"], ["--fsdp shards the model over torchrun's processes"]),
+    (["--save-every", "0"], ["--save-every must be ≥ 1"]),
+    (["--log-every", "-2"], ["--log-every must be ≥ 1"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, fragments):
     bad_mnist = _write_bad_mnist(tmp_path / "bad") if "{bad_mnist}" in argv else None
@@ -280,6 +284,31 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch
     assert not list(tmp_path.glob(".*.tmp"))
     monkeypatch.undo()
     rc, _, err = run(["--resume", "--out", tmp_path], capsys)  # and it still resumes
+    assert rc == 0, err
+
+
+def test_write_failing_part_way_in_a_real_process_keeps_the_previous_checkpoint(tmp_path, capsys):
+    """The OS refuses the write part-way (RLIMIT_FSIZE below the checkpoint's size: EFBIG, as a full
+    disk gives ENOSPC) in a real process: exit 1, one line, the good checkpoint untouched."""
+    import resource
+
+    assert run(TINY + ["--epochs", "1", "--out", tmp_path], capsys)[0] == 0
+    path = tmp_path / "checkpoint.pt"
+    before = path.read_bytes()
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, resource.RLIM_INFINITY))
+
+    proc = subprocess.run([sys.executable, "-m", "tntkernels.train", "--resume", "--out", str(tmp_path),
+                           "--epochs", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit_file_size)
+    assert proc.returncode == 1, proc.stderr
+    assert "could not write checkpoint" in proc.stderr and "unchanged" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert path.read_bytes() == before
+    assert not list(tmp_path.glob(".*.tmp"))
+    rc, _, err = run(["--resume", "--out", tmp_path, "--epochs", "2"], capsys)  # room again: it resumes
     assert rc == 0, err
 
 

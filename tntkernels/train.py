@@ -3,19 +3,35 @@
     tntkernels-train                          # tnt_t_patch8_32 on sklearn digits, < 2 min on 2 CPU cores
     tntkernels-train --dataset mnist --data-dir ~/data/mnist --epochs 10
     tntkernels-train --resume                 # continue runs/<model>-<dataset>/checkpoint.pt
+    torchrun --nproc_per_node 2 -m tntkernels.train --batch-size 32   # DDP (Gloo on CPU, NCCL on GPUs)
+    torchrun --nproc_per_node 8 -m tntkernels.train --model tnt_b_patch16_224 --fsdp ...     # FSDP2
 
 AdamW, per-step cosine schedule after a linear warmup, label smoothing, drop-path; random
 translation and horizontal flips for CIFAR-10 (opt-in elsewhere). Each epoch appends one JSON line
 to DIR/metrics.jsonl and rewrites DIR/checkpoint.pt atomically; Ctrl-C finishes the current step,
 saves, and exits 130.
 
+Distributed: under torchrun each process trains on its share of every global batch (--batch-size is
+the global batch; each of the N processes gets batch_size / N examples, drawn by a DistributedSampler
+from the same permutation as a single process uses), gradients are averaged by
+DistributedDataParallel, or reduce-scattered by FSDP2 (`fully_shard` per block) with --fsdp. The loss
+is normalised by the global batch, so N processes take the same steps as one (up to floating-point
+summation order). Only rank 0 writes metrics, step logs and checkpoints; checkpoints hold full
+(unsharded) tensors, so a run resumes on any number of processes, with or without --fsdp. Random
+streams (dropout, drop-path, augmentation) are per process, so runs on different process counts
+agree in distribution, not bit for bit, unless those are off.
+
 Resuming is exact: the order of epoch e is a permutation drawn from torch.Generator seeded
 seed·1000 + e, and every step reseeds the global RNGs and the augmentation generator from
 (seed, epoch, step), so a run interrupted anywhere (even mid-epoch) and resumed with `--resume`
 ends with the same weights and metrics, bit for bit on CPU, as a run that never stopped.
 
+--save-every K also checkpoints every K steps within an epoch (a kill -9 then loses at most K steps);
+--log-every K appends {global_step, epoch, step, loss, lr, rss_mb} to DIR/steps.jsonl every K steps
+(trimmed back to the checkpoint on resume, so a resumed run's log equals an uninterrupted one's).
+
 Exit codes: 0 done; 2 bad input (one line on stderr: `tntkernels-train: error: ...`); 1 a checkpoint
-could not be written; 130 interrupted (checkpoint saved).
+could not be written; 130 interrupted by Ctrl-C or SIGTERM (checkpoint saved).
 """
 from __future__ import annotations
 
@@ -35,7 +51,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from . import _backend
@@ -114,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="run folder (default runs/<model>-<dataset>)")
     p.add_argument("--resume", nargs="?", const="", metavar="CKPT",
                    help="continue from CKPT (flag alone: DIR/checkpoint.pt)")
+    p.add_argument("--save-every", type=int, metavar="STEPS",
+                   help="also checkpoint every STEPS optimizer steps within an epoch (default: at epoch ends only)")
+    p.add_argument("--log-every", type=int, metavar="STEPS",
+                   help="append the loss, learning rate and resident memory to DIR/steps.jsonl every STEPS steps")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard parameters, gradients and optimizer state with FSDP2 (fully_shard per "
+                        "block) instead of replicating them with DDP")
     # testing knobs
     p.add_argument("--limit-train", type=int, help=argparse.SUPPRESS)
     p.add_argument("--limit-test", type=int, help=argparse.SUPPRESS)
@@ -127,24 +151,72 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, or an argparse error (already printed)
         return exc.code if isinstance(exc.code, int) else 2
+    group = ProcessGroup()
     try:
-        return _run(args)
+        return _run(args, group)
     except (UsageError, DataError) as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {group.tag}{_one_line(exc)}", file=sys.stderr)
         return 2
     except CheckpointWriteError as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {group.tag}{_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # before training started (loading data, building the model): nothing to save
-        print(f"\n{PROG}: interrupted before training started; nothing saved", file=sys.stderr)
+        print(f"\n{PROG}: {group.tag}interrupted before training started; nothing saved", file=sys.stderr)
         return 130
+    finally:
+        group.close()
+
+
+class ProcessGroup:
+    """torchrun's processes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR in the environment), or one.
+
+    `start(device)` joins the default process group (NCCL for CUDA devices, Gloo for CPU) unless one
+    is already initialized; `all_sum` adds small float64 vectors over the ranks (identity alone).
+    """
+
+    def __init__(self):
+        env = os.environ
+        self.launched = all(k in env for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
+        self.rank = int(env["RANK"]) if self.launched else 0
+        self.world = int(env["WORLD_SIZE"]) if self.launched else 1
+        self.local_rank = int(env["LOCAL_RANK"]) if self.launched else 0
+        self.device = torch.device("cpu")
+        self._owned = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def tag(self) -> str:
+        return f"[rank {self.rank}/{self.world}] " if self.world > 1 else ""
+
+    def start(self, device: torch.device) -> None:
+        self.device = device
+        if not self.launched or dist.is_initialized():
+            return
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        self._owned = True
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def close(self) -> None:
+        if self._owned and dist.is_initialized():
+            dist.destroy_process_group()
+        self._owned = False
 
 
 # ---------------------------------------------------------------------------------------------
 # The run.
 # ---------------------------------------------------------------------------------------------
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, group: ProcessGroup) -> int:
     from . import models
 
     if args.model not in models.list_models():
@@ -162,13 +234,21 @@ def _run(args: argparse.Namespace) -> int:
     else:
         ckpt, out = None, _out_dir(args)
     recipe = _resolve_recipe(args, ckpt)
-    device = _device(args.device)
+    device = _device(args.device, group)
     if args.backend is not None and (why := _backend.why_unavailable(args.backend, device)) is not None:
         raise UsageError(f"--backend {args.backend} cannot run on {device}: {why}")
     if args.workers < 0:
         raise UsageError(f"--workers must be ≥ 0, got {args.workers}")
-    if args.stop_after_steps is not None and args.stop_after_steps < 1:
-        raise UsageError(f"--stop-after-steps must be ≥ 1, got {args.stop_after_steps}")
+    for flag in ("stop_after_steps", "save_every", "log_every"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be ≥ 1, got {getattr(args, flag)}")
+    if recipe["batch_size"] % group.world:
+        raise UsageError(f"--batch-size {recipe['batch_size']} is the global batch, split over {group.world} "
+                         f"processes; expected a multiple of {group.world}")
+    if args.fsdp and not group.launched:
+        raise UsageError("--fsdp shards the model over torchrun's processes; expected a launch by "
+                         "torchrun --nproc_per_node N")
+    group.start(device)
 
     # data and model
     if recipe["img_size"] is None:
@@ -190,85 +270,137 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot build {args.model} for {args.dataset} ({info['in_chans']}×{recipe['img_size']}²,"
                          f" {info['num_classes']} classes): {_one_line(exc)}") from None
     model.to(device)
+    n_params = sum(p.numel() for p in model.parameters())
     n_train = len(train_ds)
     steps_per_epoch = math.ceil(n_train / recipe["batch_size"])
     total_steps = steps_per_epoch * recipe["epochs"]
-    optimizer = torch.optim.AdamW(_param_groups(model, recipe["weight_decay"]), lr=recipe["lr"])
-    warmup = min(round(recipe["warmup_epochs"] * steps_per_epoch), total_steps // 2)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, warmup, total_steps))
-
     progress = _fresh_progress()
     if ckpt is not None:
-        _restore(ckpt, ckpt_path, model, optimizer, scheduler)
+        _restore(ckpt_path, lambda: model.load_state_dict(ckpt["model_state"]), ckpt["model"])
         progress = dict(ckpt["progress"])
         if progress["step"] > steps_per_epoch:
             raise UsageError(f"checkpoint {ckpt_path} stopped at step {progress['step']} of an epoch, but this data "
                              f"gives {steps_per_epoch} steps per epoch; expected the same data as when it was written")
-    out.mkdir(parents=True, exist_ok=True)
-    _write_history(out / "metrics.jsonl", progress["history"])
 
-    n_params = sum(p.numel() for p in model.parameters())
-    kernels = args.backend or ("compiled extension" if _backend.cpp_available() else "reference (extension not built)")
-    print(f"{args.model} ({n_params / 1e6:.2f}M params, kernels: {kernels}) on {args.dataset}: "
-          f"{n_train} train / {len(test_ds)} test, {info['in_chans']}×{recipe['img_size']}×{recipe['img_size']}, "
-          f"{info['num_classes']} classes; device {device}; out {out}", flush=True)
+    # replicate (DDP) or shard (FSDP2) over torchrun's processes; the optimizer sees the final parameters
+    net = model
+    if args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in getattr(model, "blocks", ()):
+            fully_shard(block)
+        fully_shard(model)  # in place: `model` now all-gathers its blocks' parameters in forward
+    elif group.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+    groups, names = _param_groups(model, recipe["weight_decay"])
+    optimizer = torch.optim.AdamW(groups, lr=recipe["lr"])
+    warmup = min(round(recipe["warmup_epochs"] * steps_per_epoch), total_steps // 2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, warmup, total_steps))
     if ckpt is not None:
-        print(f"resuming {ckpt_path} at epoch {progress['epoch'] + 1}, step {progress['step']}/{steps_per_epoch}",
-              flush=True)
-    elif (out / "checkpoint.pt").exists():
-        print(f"note: starting fresh; {out / 'checkpoint.pt'} will be overwritten (use --resume to continue it)")
+        def load_rest():
+            if args.fsdp:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    run = _Run(args, recipe, info, model, optimizer, scheduler, train_ds, test_ds, device, out, progress,
-               steps_per_epoch)
+                set_optimizer_state_dict(model, optimizer, _optimizer_state_by_name(ckpt["optimizer"], names),
+                                         options=StateDictOptions(full_state_dict=True))
+            else:
+                optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            _set_rng_state(ckpt["rng"])
+
+        _restore(ckpt_path, load_rest, ckpt["model"])
+
+    if group.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_history(out / "metrics.jsonl", progress["history"])
+        if args.log_every is not None:
+            _trim_step_log(out / "steps.jsonl", progress["epoch"] * steps_per_epoch + progress["step"])
+        kernels = args.backend or ("compiled extension" if _backend.cpp_available()
+                                   else "reference (extension not built)")
+        where = f"device {device}" if group.world == 1 else (
+            f"{group.world} processes ({'FSDP2' if args.fsdp else 'DDP'}, {dist.get_backend()}), device {device.type}")
+        print(f"{args.model} ({n_params / 1e6:.2f}M params, kernels: {kernels}) on {args.dataset}: "
+              f"{n_train} train / {len(test_ds)} test, {info['in_chans']}×{recipe['img_size']}×{recipe['img_size']}, "
+              f"{info['num_classes']} classes; {where}; out {out}", flush=True)
+        if ckpt is not None:
+            print(f"resuming {ckpt_path} at epoch {progress['epoch'] + 1}, step {progress['step']}/{steps_per_epoch}",
+                  flush=True)
+        elif (out / "checkpoint.pt").exists():
+            print(f"note: starting fresh; {out / 'checkpoint.pt'} will be overwritten (use --resume to continue it)")
+
+    run = _Run(args, recipe, info, model, net, optimizer, scheduler, names, train_ds, test_ds, group, out,
+               progress, steps_per_epoch)
     return run.train()
 
 
 class _Run:
-    """The epoch loop and what it saves; `progress` is the part of the state that is not tensors."""
+    """The epoch loop and what it saves; `progress` is the part of the state that is not tensors.
 
-    def __init__(self, args, recipe, info, model, optimizer, scheduler, train_ds, test_ds, device, out, progress,
-                 steps_per_epoch):
+    `model` is the module (sharded in place under FSDP2), `net` what a training step calls (the DDP
+    wrapper under DDP, else `model`). Under torchrun every rank runs the same steps; `progress` is the
+    same on every rank (its sums are all-reduced each step).
+    """
+
+    def __init__(self, args, recipe, info, model, net, optimizer, scheduler, param_names, train_ds, test_ds, group,
+                 out, progress, steps_per_epoch):
         self.args, self.recipe, self.info = args, recipe, info
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.train_ds, self.test_ds, self.device, self.out = train_ds, test_ds, device, out
-        self.progress, self.steps_per_epoch = progress, steps_per_epoch
-        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=recipe["label_smoothing"])
+        self.model, self.net, self.optimizer, self.scheduler = model, net, optimizer, scheduler
+        self.param_names = param_names
+        self.train_ds, self.test_ds, self.group, self.device = train_ds, test_ds, group, group.device
+        self.out, self.progress, self.steps_per_epoch = out, progress, steps_per_epoch
+        # summed over the local batch; a step scales it by world / global batch (see _train_step)
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=recipe["label_smoothing"], reduction="sum")
+        self.step_log = None
 
     def train(self) -> int:
-        p, recipe = self.progress, self.recipe
+        p, recipe, group = self.progress, self.recipe, self.group
         steps_this_run = 0
-        with _InterruptFlag() as interrupt:
+        if self.args.log_every is not None and group.is_main:
+            self.step_log = open(self.out / "steps.jsonl", "a", buffering=1)
+        with _InterruptFlag(quiet=not group.is_main) as interrupt, (self.step_log or contextlib.nullcontext()):
             try:
                 while p["epoch"] < recipe["epochs"]:
                     epoch = p["epoch"]
                     started = time.perf_counter() - p["seconds"]
                     seen_this_run, t_run = 0, time.perf_counter()
-                    if interrupt.requested:  # Ctrl-C came during the previous epoch's evaluation or save
+                    if self._any(interrupt.requested):  # Ctrl-C came during the previous evaluation or save
                         raise KeyboardInterrupt
                     desc = f"epoch {epoch + 1}/{recipe['epochs']}"
                     with tqdm(total=self.steps_per_epoch, initial=p["step"], desc=desc, leave=False,
-                              dynamic_ncols=True, disable=None) as bar:
-                        self.model.train()
-                        for x, y in self._batches(epoch, p["step"]):
+                              dynamic_ncols=True, disable=None if group.is_main else True) as bar:
+                        self.net.train()
+                        for x, y, n_global in self._batches(epoch, p["step"]):
                             x, y = self._augment(x, y, epoch, p["step"])
                             p["lr"] = self.optimizer.param_groups[0]["lr"]
-                            loss = _train_step(self.model, self.optimizer, self.scheduler, self.criterion, x, y)
-                            p["loss_sum"] += loss * len(y)
-                            p["seen"] += len(y)
+                            loss_sum = _train_step(self.net, self.optimizer, self.scheduler, self.criterion, x, y,
+                                                   group.world / n_global)
+                            # one all-reduce per step: the global loss sum, the global count, any stop request
+                            loss_sum, seen, stop = group.all_sum([loss_sum, len(y), interrupt.requested])
+                            p["loss_sum"] += loss_sum
+                            p["seen"] += int(seen)
                             p["step"] += 1
                             p["seconds"] = time.perf_counter() - started
-                            seen_this_run += len(y)
+                            seen_this_run += int(seen)
                             steps_this_run += 1
+                            global_step = epoch * self.steps_per_epoch + p["step"]
                             bar.update(1)
                             bar.set_postfix(loss=f"{p['loss_sum'] / p['seen']:.4f}",
                                             img_s=f"{seen_this_run / (time.perf_counter() - t_run):.0f}", refresh=False)
-                            if interrupt.requested:
+                            if self.step_log is not None and global_step % self.args.log_every == 0:
+                                self.step_log.write(json.dumps({
+                                    "global_step": global_step, "epoch": epoch, "step": p["step"],
+                                    "loss": loss_sum / seen, "lr": p["lr"], "rss_mb": _rss_mb()}) + "\n")
+                            if stop:
                                 raise KeyboardInterrupt
                             if steps_this_run == self.args.stop_after_steps:
                                 path = self._save()
-                                tqdm.write(f"stopped after {steps_this_run} steps (--stop-after-steps); "
-                                           f"checkpoint: {path}")
+                                if group.is_main:
+                                    tqdm.write(f"stopped after {steps_this_run} steps (--stop-after-steps); "
+                                               f"checkpoint: {path}")
                                 return 0
+                            if self.args.save_every is not None and global_step % self.args.save_every == 0:
+                                self._save()
                     test_loss, test_acc = self._evaluate(interrupt)
                     seconds = time.perf_counter() - started
                     train_seconds = p["seconds"]
@@ -283,39 +415,60 @@ class _Run:
                     }
                     p.update(_fresh_progress(), history=p["history"] + [metrics], epoch=epoch + 1,
                              best_acc=max(p["best_acc"], test_acc))
-                    with open(self.out / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(metrics) + "\n")
-                    tqdm.write(f"epoch {epoch + 1}/{recipe['epochs']}  train_loss {metrics['train_loss']:.4f}  "
-                               f"test_loss {test_loss:.4f}  test_acc {test_acc:.4f}  lr {metrics['lr']:.2e}  "
-                               f"{metrics['img_per_s']:.0f} img/s  {seconds:.1f}s")
+                    if group.is_main:
+                        with open(self.out / "metrics.jsonl", "a") as f:
+                            f.write(json.dumps(metrics) + "\n")
+                        tqdm.write(f"epoch {epoch + 1}/{recipe['epochs']}  train_loss {metrics['train_loss']:.4f}  "
+                                   f"test_loss {test_loss:.4f}  test_acc {test_acc:.4f}  lr {metrics['lr']:.2e}  "
+                                   f"{metrics['img_per_s']:.0f} img/s  {seconds:.1f}s")
                     self._save()
             except KeyboardInterrupt:
                 path = self._save()
-                print(f"\ninterrupted: checkpoint saved to {path} (epoch {p['epoch'] + 1}, step {p['step']}/"
-                      f"{self.steps_per_epoch}); continue with --resume", file=sys.stderr)
+                if group.is_main:
+                    print(f"\ninterrupted: checkpoint saved to {path} (epoch {p['epoch'] + 1}, step {p['step']}/"
+                          f"{self.steps_per_epoch}); continue with --resume", file=sys.stderr)
                 return 130
 
         history = p["history"]
         last = history[-1]
-        print(f"final: model={self.args.model} dataset={self.args.dataset} epochs={len(history)} "
-              f"test_acc={last['test_acc']:.4f} best_acc={p['best_acc']:.4f} "
-              f"time={sum(m['seconds'] for m in history):.1f}s out={self.out}", flush=True)
+        if group.is_main:
+            print(f"final: model={self.args.model} dataset={self.args.dataset} epochs={len(history)} "
+                  f"test_acc={last['test_acc']:.4f} best_acc={p['best_acc']:.4f} "
+                  f"time={sum(m['seconds'] for m in history):.1f}s out={self.out}", flush=True)
         return 0
 
+    def _any(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any (the ranks must stop at the same step)."""
+        return self.group.all_sum([flag])[0] > 0 if self.group.world > 1 else flag
+
     def _batches(self, epoch: int, start_step: int):
-        """The batches of `epoch` from `start_step` on: a permutation that depends only on (seed, epoch)."""
-        n, bs = len(self.train_ds), self.recipe["batch_size"]
-        order = torch.randperm(n, generator=_data_order_generator(self.recipe["seed"], epoch))
-        index_batches = [order[i:i + bs] for i in range(start_step * bs, n, bs)]
+        """This rank's share of the batches of `epoch` from `start_step` on, with each global batch's size.
+
+        The epoch's order is a permutation that depends only on (seed, epoch): DistributedSampler's,
+        seeded seed·1000 + epoch (with one process, exactly the order of earlier versions). Global
+        batch i is positions [i·B, (i+1)·B) of it; rank r takes the positions ≡ r (mod world) of it,
+        which are DistributedSampler's indices [i·B/world, (i+1)·B/world) for rank r. The padding
+        DistributedSampler appends to even out the ranks is dropped, so the last global batch holds
+        each example once (a rank's share may then be smaller, even empty).
+        """
+        n, bs, world, rank = len(self.train_ds), self.recipe["batch_size"], self.group.world, self.group.rank
+        sampler = DistributedSampler(self.train_ds, num_replicas=world, rank=rank, shuffle=True,
+                                     seed=_data_order_seed(self.recipe["seed"], 0), drop_last=False)
+        sampler.set_epoch(epoch)
+        local = torch.tensor(list(sampler), dtype=torch.long)[:len(range(rank, n, world))]  # without the padding
+        per_rank = bs // world
+        steps = range(start_step, self.steps_per_epoch)
+        index_batches = [local[i * per_rank:(i + 1) * per_rank] for i in steps]
         loader = DataLoader(_BatchView(self.train_ds), sampler=index_batches, batch_size=None,
                             num_workers=self.args.workers, pin_memory=self.device.type == "cuda",
                             worker_init_fn=_ignore_sigint if self.args.workers else None)
-        for x, y in loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        for i, (x, y) in zip(steps, loader):
+            n_global = min(bs, n - i * bs)
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), n_global
 
     def _augment(self, x, y, epoch: int, step: int):
-        """Reseed the global RNGs (dropout, drop-path) for this step, then translate / flip."""
-        seed = _step_seed(self.recipe["seed"], epoch, step)
+        """Reseed the global RNGs (dropout, drop-path) for this step and rank, then translate / flip."""
+        seed = _step_seed(self.recipe["seed"], epoch, step, self.group.rank)
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
         if self.recipe["translate"] > 0:
@@ -327,41 +480,70 @@ class _Run:
 
     @torch.no_grad()
     def _evaluate(self, interrupt) -> tuple[float, float]:
+        """Loss and accuracy on the test set; rank r evaluates examples r, r + world, ... and the
+        sums are all-reduced. Every rank runs the same number of forwards (FSDP2 all-gathers in them)."""
         self.model.eval()
-        x_all, y_all = self.test_ds.tensors
-        loss_sum, correct = 0.0, 0
+        world, rank = self.group.world, self.group.rank
+        x_all, y_all = (t[rank::world] for t in self.test_ds.tensors)
+        n_test = len(self.test_ds.tensors[1])
         bs = self.recipe["eval_batch_size"]
-        for i in range(0, len(y_all), bs):
-            x = x_all[i:i + bs].to(self.device, non_blocking=True)
-            y = y_all[i:i + bs].to(self.device, non_blocking=True)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        for i in range(math.ceil(math.ceil(n_test / world) / bs)):
+            x = x_all[i * bs:(i + 1) * bs].to(self.device, non_blocking=True)
+            y = y_all[i * bs:(i + 1) * bs].to(self.device, non_blocking=True)
             logits = self.model(x).float()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += (logits.argmax(-1) == y).sum().item()
-            if interrupt.requested:
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+            correct += (logits.argmax(-1) == y).sum()
+            if world == 1 and interrupt.requested:  # with several ranks, they agree on stopping after it
                 raise KeyboardInterrupt
         self.model.train()
-        n = max(len(y_all), 1)
+        loss_sum, correct = self.group.all_sum([loss_sum.item(), correct.item()])
+        n = max(n_test, 1)
         return loss_sum / n, correct / n
 
     def _save(self) -> Path:
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "model": self.args.model,
-            "dataset": self.args.dataset,
-            "args": {k: v for k, v in vars(self.args).items()},
-            "recipe": dict(self.recipe),
-            "model_state": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "epoch": self.progress["epoch"],
-            "step": self.progress["step"],
-            "progress": dict(self.progress),
-            "rng": _rng_state(),
-            "data_order": {"seed": _data_order_seed(self.recipe["seed"], self.progress["epoch"]),
-                           "generator": _data_order_generator(self.recipe["seed"], self.progress["epoch"]).get_state()},
-        }
+        """Full (unsharded) tensors, written by rank 0; every rank raises if the write failed."""
+        if self.args.fsdp:  # collective: every rank takes part, rank 0 receives the full tensors
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                                 get_optimizer_state_dict)
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_state = get_model_state_dict(self.model, options=options)
+            optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+            if self.group.is_main:
+                optimizer_state = _optimizer_state_by_index(optimizer_state, self.param_names)
+        else:
+            model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
         path = self.out / "checkpoint.pt"
-        save_checkpoint(state, path)
+        failure = None
+        if self.group.is_main:
+            state = {
+                "format": CHECKPOINT_FORMAT,
+                "model": self.args.model,
+                "dataset": self.args.dataset,
+                "args": {k: v for k, v in vars(self.args).items()},
+                "recipe": dict(self.recipe),
+                "model_state": model_state,
+                "optimizer": optimizer_state,
+                "scheduler": self.scheduler.state_dict(),
+                "epoch": self.progress["epoch"],
+                "step": self.progress["step"],
+                "progress": dict(self.progress),
+                "rng": _rng_state(),
+                "world_size": self.group.world,
+                "data_order": {"seed": _data_order_seed(self.recipe["seed"], self.progress["epoch"]),
+                               "generator": _data_order_generator(self.recipe["seed"],
+                                                                  self.progress["epoch"]).get_state()},
+            }
+            try:
+                save_checkpoint(state, path)
+            except CheckpointWriteError as exc:
+                failure = exc
+        if self.group.world > 1 and self.group.all_sum([failure is not None])[0] > 0 and failure is None:
+            raise CheckpointWriteError(f"rank 0 could not write checkpoint {path}; the previous checkpoint is unchanged")
+        if failure is not None:
+            raise failure
         return path
 
 
@@ -421,15 +603,28 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def _restore(ckpt: dict, path: Path, model, optimizer, scheduler) -> None:
+def _restore(path: Path, load, model_name: str) -> None:
+    """Run `load()` (load_state_dict calls), turning a mismatch into a UsageError."""
     try:
-        model.load_state_dict(ckpt["model_state"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt["rng"])
+        load()
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"checkpoint {path} does not fit {ckpt['model']} as built now ({_one_line(exc)}); "
+        raise UsageError(f"checkpoint {path} does not fit {model_name} as built now ({_one_line(exc)}); "
                          "expected the same model, dataset and recipe") from None
+
+
+def _optimizer_state_by_index(state: dict, names: list[list[str]]) -> dict:
+    """A parameter-name-keyed optimizer state dict (torch.distributed.checkpoint's) → the
+    index-keyed form of `Optimizer.state_dict()`, which checkpoints hold whatever the wrapper."""
+    index = {name: i for i, name in enumerate(n for group in names for n in group)}
+    groups = [dict(g, params=[index[name] for name in g["params"]]) for g in state["param_groups"]]
+    return {"state": {index[name]: v for name, v in state["state"].items()}, "param_groups": groups}
+
+
+def _optimizer_state_by_name(state: dict, names: list[list[str]]) -> dict:
+    """The inverse of `_optimizer_state_by_index`."""
+    flat = [n for group in names for n in group]
+    groups = [dict(g, params=[flat[i] for i in g["params"]]) for g in state["param_groups"]]
+    return {"state": {flat[i]: v for i, v in state["state"].items()}, "param_groups": groups}
 
 
 def _resolve_recipe(args, ckpt: dict | None) -> dict:
@@ -476,6 +671,32 @@ def _write_history(path: Path, history: list[dict]) -> None:
             f.write(json.dumps(metrics) + "\n")
 
 
+def _trim_step_log(path: Path, last_step: int) -> None:
+    """Keep the steps.jsonl lines up to global step `last_step` (the checkpoint's): the steps after it
+    are run again. A torn last line (the process was killed while writing it) is dropped too."""
+    kept = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and entry.get("global_step", last_step + 1) <= last_step:
+                kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _rss_mb() -> float:
+    """This process's resident set size in MiB (Linux /proc; elsewhere the peak, from getrusage)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 # ---------------------------------------------------------------------------------------------
 # Randomness: everything that varies between steps is derived from (seed, epoch, step).
 # ---------------------------------------------------------------------------------------------
@@ -494,8 +715,9 @@ def _data_order_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(_data_order_seed(seed, epoch))
 
 
-def _step_seed(seed: int, epoch: int, step: int) -> int:
-    return int(np.random.SeedSequence([seed % 2 ** 32, epoch, step]).generate_state(1)[0])
+def _step_seed(seed: int, epoch: int, step: int, rank: int = 0) -> int:
+    entropy = [seed % 2 ** 32, epoch, step] + ([rank] if rank else [])  # rank 0: the single-process seed
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 def _rng_state() -> dict:
@@ -523,13 +745,16 @@ def _set_rng_state(state: dict) -> None:
 # Pieces of a step.
 # ---------------------------------------------------------------------------------------------
 
-def _train_step(model, optimizer, scheduler, criterion, x, y) -> float:
-    loss = criterion(model(x), y)
+def _train_step(model, optimizer, scheduler, criterion, x, y, scale: float) -> torch.Tensor:
+    """One optimizer step on the loss summed over the local batch times `scale` = world / global
+    batch: DDP and FSDP2 average gradients over the ranks, so the step follows the mean loss of the
+    global batch whatever the ranks' shares. Returns the local loss sum (detached)."""
+    loss_sum = criterion(model(x), y)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss_sum * scale).backward()
     optimizer.step()
     scheduler.step()
-    return loss.item()
+    return loss_sum.detach()
 
 
 def _lr_factor(step: int, warmup: int, total: int) -> float:
@@ -540,15 +765,18 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms, position embeddings and class tokens."""
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> tuple[list[dict], list[list[str]]]:
+    """No weight decay on biases, norms, position embeddings and class tokens. Returns the groups and
+    the parameters' names in the same order."""
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim <= 1 or name in skip or name.endswith(("pos", "token")) else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        (no_decay if param.ndim <= 1 or name in skip or name.endswith(("pos", "token")) else decay).append((name, param))
+    groups = [{"params": [p for _, p in decay], "weight_decay": weight_decay},
+              {"params": [p for _, p in no_decay], "weight_decay": 0.0}]
+    return groups, [[n for n, _ in decay], [n for n, _ in no_decay]]
 
 
 def _random_translate(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
@@ -582,25 +810,32 @@ def _ignore_sigint(worker_id: int) -> None:
 
 
 class _InterruptFlag:
-    """While active, the first Ctrl-C only sets `requested` (the loop stops at the next step
-    boundary, with the model and optimizer consistent); a second one interrupts at once."""
+    """While active, the first Ctrl-C or SIGTERM (what torchrun and batch schedulers send) only sets
+    `requested` (the loop stops at the next step boundary, with the model and optimizer consistent);
+    a second one interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
 
     def __enter__(self):
         self.requested = False
-        self._previous = None
+        self._previous = {}
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\n{PROG}: stopping after this step (Ctrl-C again to stop now)", file=sys.stderr, flush=True)
+        if not self.quiet:
+            print(f"\n{PROG}: stopping after this step (Ctrl-C again to stop now)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc_info):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
         return False
 
 
@@ -612,12 +847,18 @@ def _out_dir(args) -> Path:
     return Path(args.out) if args.out else Path("runs") / f"{args.model}-{args.dataset}"
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str, group: ProcessGroup) -> torch.device:
+    """cpu, or cuda:LOCAL_RANK (one GPU per process under torchrun)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
         raise UsageError("--device cuda, but torch sees no CUDA device; expected --device cpu or auto")
-    return torch.device(name)
+    if group.local_rank >= torch.cuda.device_count():
+        raise UsageError(f"local rank {group.local_rank} needs its own GPU but torch sees "
+                         f"{torch.cuda.device_count()}; expected --nproc_per_node ≤ the number of GPUs")
+    return torch.device("cuda", group.local_rank)
 
 
 def _default_img_size(models, name: str) -> int:
