@@ -96,12 +96,14 @@ def _extension():
     if not with_cuda and _truthy("TNTKERNELS_FORCE_CUDA"):
         _fail(f"TNTKERNELS_FORCE_CUDA is set but the CUDA kernels cannot be built: {reason}.")
     sources = ["csrc/tntkernels.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # Shared headers, included as "tntkernels/<name>.h" by the C++ and the nvcc compiles alike.
+    include_dirs = [os.path.join(ROOT, "csrc", "include")]
     cxx = ["-O3", "-fno-trapping-math"]  # lets branch-free float selects vectorize; no value changes
     define_macros = []
     if not with_cuda:
         print(f"tntkernels: building the C++ CPU ops only ({reason})")
-        return cpp_extension.CppExtension("tntkernels._C", sources, extra_compile_args={"cxx": cxx},
-                                          define_macros=define_macros)
+        return cpp_extension.CppExtension("tntkernels._C", sources, include_dirs=include_dirs,
+                                          extra_compile_args={"cxx": cxx}, define_macros=define_macros)
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     print(f"tntkernels: building the C++ CPU ops and the CUDA kernels for TORCH_CUDA_ARCH_LIST={archs} ({reason})")
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
@@ -110,7 +112,7 @@ def _extension():
     for inc in _pip_cuda_include_dirs():
         cxx += ["-idirafter", inc]
         nvcc += ["-Xcompiler", "-idirafter", "-Xcompiler", inc]
-    return cpp_extension.CUDAExtension("tntkernels._C", sources, define_macros=define_macros,
+    return cpp_extension.CUDAExtension("tntkernels._C", sources, include_dirs=include_dirs, define_macros=define_macros,
                                        extra_compile_args={"cxx": cxx, "nvcc": nvcc})
 
 

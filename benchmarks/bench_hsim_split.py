@@ -39,34 +39,31 @@ inverse times on one scale):
 
     python benchmarks/bench_hsim_split.py                        # GPU: the full sweep
     python benchmarks/bench_hsim_split.py --device cpu --quick --threads 1   # smoke run on CPU
-Writes JSON (--out: meta + rows), prints a table, plots a PNG next to the JSON (matplotlib, if
-installed; the plot's "B=" is N rows).
+Writes JSON (--out, or --out-dir: meta + rows, rewritten after every row), prints a table, plots a
+PNG next to the JSON (matplotlib, if installed; the plot's "B=" is N rows). Timing, rows, JSON, table
+and plot: benchmarks/harness.py.
 """
 from __future__ import annotations
 
-import argparse
-import importlib.util
-import json
-import os
-import sys
-
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import tntkernels  # noqa: E402
-from tntkernels import _backend  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location(
-    "bench_inner_attention", os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_inner_attention.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)  # environment, timed, peak_mib, copy_bandwidth, plot
+import harness  # benchmarks/harness.py; first: it puts the repository root on sys.path
+import tntkernels
 
 # name -> (D, H)
 SHAPES = {"tint_opt125m": (3072, 12), "d768": (768, 12)}
 GPU_ROWS = (1280, 2304, 8192)
 CPU_ROWS = (64,)
 CPU_SHAPES = ("d768",)
-PASSES = ("fwd", "bwd", "fwd+bwd")
+COLUMNS = [harness.column("shape", "shape", width=12, left=True), harness.column("N", "N", width=5),
+           harness.column("dtype", "dtype", width=8, left=True), harness.column("pass", "pass_", width=8, left=True),
+           harness.column("impl", "impl", width=29, left=True),
+           harness.column("median ms", "median_ms", "{:.4f}", width=10), harness.column("p20", "p20_ms", "{:.4f}", width=9),
+           harness.column("p80", "p80_ms", "{:.4f}", width=9), harness.column("peak MiB", "peak_mib", "{:.1f}", width=9),
+           harness.column("TFLOP/s", "tflops", "{:.3f}", width=8), harness.column("GB/s", "gbps", "{:.1f}", width=7),
+           harness.column("%mem", "mem_roofline_pct", "{:.0f}", width=5),
+           harness.column("%flop", "compute_roofline_pct", "{:.0f}", width=5),
+           harness.column("maxerr", "max_abs_err", "{:.1e}", width=8), harness.NOTE]
 
 
 # ------------------------------------------------------------------ candidates
@@ -105,11 +102,13 @@ def dense_gemm(x, W, b):
     return torch.addmm(b, x, W)
 
 
-def _implemented():
-    return sys.modules["tntkernels.ops.hsim_split"]._IMPLEMENTED
+def implemented() -> list[str]:
+    """hsim_split_linear's backends (asked of the op on meta tensors: D = 4, H = d = 2)."""
+    x, w, b = (torch.empty(*s, device="meta") for s in ((1, 4), (2, 2, 2), (2, 2)))
+    return harness.implemented_backends(lambda name: tntkernels.hsim_split_linear(x, w, b, w, b, backend=name))
 
 
-def candidates(device: torch.device, quick: bool):
+def candidates(device: torch.device, quick: bool, backends):
     """(name, fn, which) with which = "split" (fn(x, M, m, A, a)) or "dense" (fn(x, W, b))."""
     yield "tint_reference_form", tint_reference_form, "split"
     if device.type == "cuda" or not quick:
@@ -120,7 +119,7 @@ def candidates(device: torch.device, quick: bool):
     yield "bmm", bmm_form, "split"
     yield "dense_gemm", dense_gemm, "dense"
     for name in ("reference", "cuda", "triton", "cpu"):
-        if name not in _implemented() or _backend.why_unavailable(name, device) is not None:
+        if not harness.runnable(name, backends, device):
             continue
         if name == "triton" and device.type != "cuda":
             continue  # TRITON_INTERPRET runs numpy: a test tool, not a timing
@@ -149,152 +148,74 @@ def op_bytes(N, D, H, elem, pas):
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pas]
 
 
-def gemm_rate(device: torch.device, dtype: torch.dtype) -> float | None:
-    """Measured dense GEMM rate in FLOP/s (8192³ torch.matmul), the compute roofline's roof."""
-    if device.type != "cuda":
-        return None
-    import triton.testing
-    n = 8192
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    ms = triton.testing.do_bench(lambda: a @ b, warmup=25, rep=200)
-    return 2 * n ** 3 / (ms * 1e-3)
-
-
 # ------------------------------------------------------------------ driver
 
-def _failed(exc):  # a candidate that rejects the shape is reported, not fatal
-    return dict(median_ms=None, p20_ms=None, p80_ms=None, peak_mib=None,
-                note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
-
-
-def run_case(fn, inputs, grad, device, quick):
-    """Rows for fwd, bwd, fwd+bwd of fn(*inputs) (every input a leaf requiring grad)."""
-
-    def clear():
-        for t in inputs:
-            t.grad = None
-
-    def fwd():
-        with torch.no_grad():
-            fn(*inputs)
-
-    def fwd_bwd():
-        clear()
-        fn(*inputs).backward(grad)
-
-    try:
-        out = fn(*inputs)
-    except Exception as exc:
-        return {pas: _failed(exc) for pas in PASSES}, None
-
-    def bwd():
-        clear()
-        out.backward(grad, retain_graph=True)
-
-    rows = {}
-    for pas, f in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", fwd_bwd)):
-        try:
-            med, p20, p80 = common.timed(f, device, quick)
-            rows[pas] = dict(median_ms=med, p20_ms=p20, p80_ms=p80, peak_mib=common.peak_mib(f, device), note="")
-        except Exception as exc:
-            rows[pas] = _failed(exc)
-        clear()
-    return rows, out.detach()
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+def parse_args(argv=None):
+    """The command line: harness.parser()'s common arguments and this benchmark's own."""
+    ap = harness.parser(__doc__, shapes=SHAPES, shapes_default=[],
+                        shapes_help=f"(D, H) cases {SHAPES}; default all on GPU, {' '.join(CPU_SHAPES)} on CPU")
     ap.add_argument("--rows", type=int, nargs="+",
                     help=f"N, rows of x (default {' '.join(map(str, GPU_ROWS))} on GPU, "
                          f"{' '.join(map(str, CPU_ROWS))} on CPU)")
-    ap.add_argument("--dtype", nargs="+", choices=("float32", "bfloat16", "float16"), default=None,
-                    help="default: float32 bfloat16 on GPU, float32 on CPU")
-    ap.add_argument("--shapes", nargs="+", choices=tuple(SHAPES), default=None,
-                    help=f"(D, H) cases {SHAPES}; default all on GPU, {' '.join(CPU_SHAPES)} on CPU")
-    ap.add_argument("--quick", action="store_true", help="short timings, no torch.compile on CPU (smoke runs)")
-    ap.add_argument("--threads", type=int, help="torch.set_num_threads on CPU (default: torch's choice; 1 avoids "
-                                                 "OpenMP barrier stalls on an oversubscribed machine)")
-    ap.add_argument("--out", help="JSON file to write (a PNG plot is written next to it)")
-    args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    on_gpu = device.type == "cuda"
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rows_n = args.rows or (GPU_ROWS if on_gpu else CPU_ROWS)
-    shapes = args.shapes or (list(SHAPES) if on_gpu else list(CPU_SHAPES))
-    dtypes = args.dtype or (["float32", "bfloat16"] if on_gpu else ["float32"])
-    bandwidth = common.copy_bandwidth(device)
-    rates = {name: gemm_rate(device, getattr(torch, name)) for name in dtypes}
-    meta = dict(common.environment(device), copy_bandwidth_GBps=bandwidth / 1e9 if bandwidth else None,
-                gemm_TFLOPs={k: (v / 1e12 if v else None) for k, v in rates.items()},
-                float32_matmul_precision=torch.get_float32_matmul_precision(),
-                backends_implemented=sorted(_implemented()))
-    print(json.dumps(meta))
-    rows = []
+    return harness.parse(ap, argv, __file__)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device
+    rows_n = args.rows or (GPU_ROWS if args.gpu else CPU_ROWS)
+    shapes = args.shapes or (list(SHAPES) if args.gpu else list(CPU_SHAPES))
+    backends = implemented()
+    bandwidth = harness.copy_bandwidth(device)
+    rates = {name: harness.gemm_rate(device, getattr(torch, name)) for name in args.dtypes}
+    meta = harness.environment(device, benchmark="hsim_split", copy_bandwidth_GBps=bandwidth / 1e9 if bandwidth else None,
+                               gemm_TFLOPs={k: (v / 1e12 if v else None) for k, v in rates.items()},
+                               float32_matmul_precision=torch.get_float32_matmul_precision(),
+                               backends_implemented=backends)
     gen = torch.Generator(device="cpu").manual_seed(0)
-    for shape_name in shapes:
-        D, H = SHAPES[shape_name]
-        d = D // H
-        for dtype_name in dtypes:
-            dtype = getattr(torch, dtype_name)
-            elem = torch.finfo(dtype).bits // 8
+    results = harness.Results(args.out, meta, COLUMNS, plot_spec={}, budget=args.budget)
+    with results:
+        for shape_name in shapes:
+            D, H = SHAPES[shape_name]
+            d = D // H
+            for dtype_name in args.dtypes:
+                dtype = getattr(torch, dtype_name)
+                elem = torch.finfo(dtype).bits // 8
 
-            def rand(*shape, scale=1.0):
-                return (torch.randn(*shape, generator=gen) * scale).to(device, dtype)
+                def rand(*shape, scale=1.0):
+                    return (torch.randn(*shape, generator=gen) * scale).to(device, dtype)
 
-            M, m = rand(d, H, H, scale=H ** -0.5), rand(d, H, scale=0.1)
-            A, a = rand(H, d, d, scale=d ** -0.5), rand(H, d, scale=0.1)
-            W, b = dense_weight(M, m, A, a)
-            split = [t.requires_grad_() for t in (M, m, A, a)]
-            dense = [t.requires_grad_() for t in (W, b)]
-            for N in rows_n:
-                x = rand(N, D).requires_grad_()
-                grad = rand(N, D)
-                with torch.no_grad():  # fp64 oracle for a sanity check of every candidate's output
-                    exact = tntkernels.hsim_split_linear_ref(*(t.double() for t in (x, *split)))
-                for name, fn, which in candidates(device, args.quick):
-                    inputs = (x, *split) if which == "split" else (x, *dense)
-                    results, out = run_case(fn, inputs, grad, device, args.quick)
-                    err = (out.double() - exact).abs().max().item() if out is not None else None
-                    for pas, r in results.items():
+                M, m = rand(d, H, H, scale=H ** -0.5), rand(d, H, scale=0.1)
+                A, a = rand(H, d, d, scale=d ** -0.5), rand(H, d, scale=0.1)
+                W, b = dense_weight(M, m, A, a)
+                split = [t.requires_grad_() for t in (M, m, A, a)]
+                dense = [t.requires_grad_() for t in (W, b)]
+                for N in rows_n:
+                    x = rand(N, D).requires_grad_()
+                    grad = rand(N, D)
+                    with torch.no_grad():  # fp64 oracle for a sanity check of every candidate's output
+                        exact = tntkernels.hsim_split_linear_ref(*(t.double() for t in (x, *split)))
+                    cands = ((name, fn, (x, *split) if which == "split" else (x, *dense))
+                             for name, fn, which in candidates(device, args.quick, backends))
+
+                    def extra(impl, pas, r, out):
                         flops, nbytes = op_flops(N, D, H, pas), op_bytes(N, D, H, elem, pas)
                         t = r["median_ms"] * 1e-3 if r["median_ms"] else None
-                        mem_floor = nbytes / bandwidth if bandwidth else None
-                        cmp_floor = flops / rates[dtype_name] if rates[dtype_name] else None
-                        floors = [f for f in (mem_floor, cmp_floor) if f is not None]
-                        rows.append(dict(
-                            what="hsim_split", shape=shape_name, batch=N, N=N, D=D, H=H, d=d, dtype=dtype_name,
-                            impl=name, pass_=pas, **r, max_abs_err=err, flops=flops,
-                            executed_flops=dense_flops(N, D, pas) if which == "dense" else flops, bytes=nbytes,
-                            tflops=flops / t / 1e12 if t else None, gbps=nbytes / t / 1e9 if t else None,
-                            mem_roofline_pct=100 * mem_floor / t if t and mem_floor else None,
-                            compute_roofline_pct=100 * cmp_floor / t if t and cmp_floor else None,
-                            roofline_pct=100 * max(floors) / t if t and floors else None))
-                    del out
-                del x, grad, exact
-            del M, m, A, a, W, b, split, dense
-    print_table(rows)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
-        print(f"wrote {args.out}")
-        common.plot(rows, os.path.splitext(args.out)[0] + ".png", meta)
-    return rows
+                        mem = harness.floor_pct(r["median_ms"], nbytes, bandwidth)
+                        cmp = harness.floor_pct(r["median_ms"], flops, rates[dtype_name])
+                        floors = [p for p in (mem, cmp) if p is not None]
+                        return dict(max_abs_err=(out.double() - exact).abs().max().item() if out is not None else None,
+                                    flops=flops,
+                                    executed_flops=dense_flops(N, D, pas) if impl == "dense_gemm" else flops,
+                                    bytes=nbytes, tflops=flops / t / 1e12 if t else None,
+                                    gbps=nbytes / t / 1e9 if t else None, mem_roofline_pct=mem,
+                                    compute_roofline_pct=cmp, roofline_pct=max(floors) if floors else None)
 
-
-def print_table(rows):
-    fmt = lambda v, f: (f % v) if v is not None else "-"  # noqa: E731
-    print(f"{'shape':12s} {'N':>5s} {'dtype':8s} {'pass':8s} {'impl':29s} {'median ms':>10s} {'p20':>9s} "
-          f"{'p80':>9s} {'peak MiB':>9s} {'TFLOP/s':>8s} {'GB/s':>7s} {'%mem':>5s} {'%flop':>5s} {'maxerr':>8s}  note")
-    for r in rows:
-        print(f"{r['shape']:12s} {r['N']:5d} {r['dtype']:8s} {r['pass_']:8s} {r['impl']:29s} "
-              f"{fmt(r['median_ms'], '%.4f'):>10s} {fmt(r['p20_ms'], '%.4f'):>9s} {fmt(r['p80_ms'], '%.4f'):>9s} "
-              f"{fmt(r['peak_mib'], '%.1f'):>9s} {fmt(r['tflops'], '%.3f'):>8s} {fmt(r['gbps'], '%.1f'):>7s} "
-              f"{fmt(r['mem_roofline_pct'], '%.0f'):>5s} {fmt(r['compute_roofline_pct'], '%.0f'):>5s} "
-              f"{fmt(r['max_abs_err'], '%.1e'):>8s}  {r['note']}")
+                    case = dict(what="hsim_split", shape=shape_name, batch=N, N=N, D=D, H=H, d=d, dtype=dtype_name)
+                    harness.measure_candidates(results, case, cands, None, grad, args, extra=extra)
+                    del x, grad, exact, cands
+                del M, m, A, a, W, b, split, dense
+    return results.rows
 
 
 if __name__ == "__main__":

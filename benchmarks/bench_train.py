@@ -22,38 +22,47 @@ note, not an abort. The JSON is rewritten after every row, so a run cut short ke
     python benchmarks/bench_train.py --out benchmarks/results/train.json      # GPU: the full sweep
     python benchmarks/bench_train.py --device cpu --quick --out /tmp/t.json   # smoke run on CPU (tiny models)
 On CPU (--quick) every model is a tiny 32² stand-in (2 blocks) at batch 2: it checks the harness,
-its numbers mean nothing. Writes JSON (--out), prints a table, plots a PNG next to the JSON.
+its numbers mean nothing. Writes JSON (--out or --out-dir), prints a table, plots a PNG next to the
+JSON. Timing, rows, JSON, table, plot and SIGTERM handling: benchmarks/harness.py.
 """
 from __future__ import annotations
 
-import argparse
 import fnmatch
-import importlib.util
-import json
-import os
-import signal
-import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import tntkernels  # noqa: E402
-from tntkernels import _backend  # noqa: E402
-from tntkernels.models import create_model  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location(
-    "bench_inner_attention", os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_inner_attention.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)  # environment
+import harness  # benchmarks/harness.py; first: it puts the repository root on sys.path
+import tntkernels
+from tntkernels import _backend
+from tntkernels.models import create_model
 
 GROUPS = ("tnt_s", "vit_s16", "nested_tnt_s", "rtnt_ti")
 COMPILE_RESERVE_S = 90  # with --budget on GPU, a torch.compile candidate starts only with this much left
 
 
-class _Terminated(BaseException):
-    """SIGTERM (e.g. from `timeout`): stop measuring, keep and plot what was measured."""
+def _step_ms(r) -> str:
+    if r["step_ms"] is None:
+        return "n/a"
+    return f"{r['step_ms']:.2f} ({r['step_ms_p20']:.2f}-{r['step_ms_p80']:.2f})"
+
+
+COLUMNS = [harness.column("group", "group", width=13, left=True), harness.column("B", "batch", width=4),
+           harness.column("impl", "impl", width=30, left=True),
+           harness.column("img/s", "img_per_s", "{:.1f}", width=9, missing="n/a"),
+           harness.column("step ms (p20-p80)", _step_ms, width=24), harness.column("peak MiB", "peak_mib", "{:.0f}", width=9),
+           harness.column("compile s", "compile_s", "{:.0f}", width=9), harness.NOTE]
+
+
+def _case(r):
+    return (r["group"] if r["group"] != "vit_s16" else "tnt_s", r["batch"])
+
+
+PLOT = dict(value="img_per_s", keep=lambda r: True, case=_case, case_order=lambda c: (GROUPS.index(c[0]), c[1]),
+            title=lambda c: (f"{c[0]} (+ViT-S/16 ceiling) B={c[1]}: training img/s (higher is better)" if c[0] == "tnt_s"
+                             else f"{c[0]} B={c[1]}: training img/s (higher is better)"),
+            color=lambda r: "tab:green" if r["ours"] else "tab:blue" if r["group"] == "vit_s16" else "tab:gray",
+            label=lambda r: f"{r['peak_mib']:.0f} MiB" if r["peak_mib"] is not None else None)
 
 
 class Candidate:
@@ -125,15 +134,10 @@ def candidates(device: torch.device, quick: bool) -> list[Candidate]:
     return c
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(cand: Candidate, batch: int, device: torch.device, amp: torch.dtype | None, warmup: int, steps: int,
             model=None):
-    """Time `steps` training steps after `warmup`; returns (row fields, model) (the model is reused for
-    the next batch size of the same candidate)."""
+    """Time `steps` training steps after `warmup` (the first one timed alone: compile_s); returns (row
+    fields, model) (the model is reused for the next batch size of the same candidate)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(batch, cand.in_chans, cand.img_size, cand.img_size, generator=gen).to(device)
     y = torch.randint(0, cand.num_classes, (batch,), generator=gen).to(device)
@@ -152,36 +156,17 @@ def measure(cand: Candidate, batch: int, device: torch.device, amp: torch.dtype 
         opt.zero_grad(set_to_none=True)
         return loss
 
-    _sync(device)
-    t0 = time.perf_counter()
-    loss = step()
-    _sync(device)
-    first_s = time.perf_counter() - t0
+    first_s, loss = harness.wall_s(step, device)
     if not torch.isfinite(loss.detach()).item():
         raise FloatingPointError(f"non-finite loss {loss.item()}")
     for _ in range(max(0, warmup - 1)):
         step()
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
-    times.sort()
-    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
-    med = q(0.5)
+    harness.reset_peak(device)  # the peak over the timed steps: weights, optimizer state, activations
+    med, p20, p80 = harness.timed(step, device, warmup=0, repeat=steps, flush_cache=False)
+    peak = harness.max_allocated_mib(device)
     del opt
-    return dict(img_per_s=batch / (med * 1e-3), step_ms=med, step_ms_p20=q(0.2), step_ms_p80=q(0.8), peak_mib=peak,
-                first_step_s=first_s, compile_s=first_s if cand.compile else None, steps=steps, note=""), model
-
-
-def _note(exc: BaseException) -> str:
-    msg = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {msg[0][:200] if msg else ''}"
+    return dict(harness.metrics(med, p20, p80, peak), img_per_s=batch / (med * 1e-3), step_ms=med, step_ms_p20=p20,
+                step_ms_p80=p80, first_step_s=first_s, compile_s=first_s if cand.compile else None, steps=steps), model
 
 
 def _selected(cand: Candidate, impls, groups, explicit_compile: bool) -> bool:
@@ -192,9 +177,13 @@ def _selected(cand: Candidate, impls, groups, explicit_compile: bool) -> bool:
     return not cand.compile or explicit_compile
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+def parse_args(argv=None):
+    """The command line: harness.parser()'s common arguments and this benchmark's own."""
+    ap = harness.parser(__doc__, dtype=False, repeat_flags=("--steps", "--repeat"),
+                        quick_help="fewer steps; on CPU tiny 32² stand-ins at batch 2, no torch.compile",
+                        repeat_help="timed steps (default 20 on GPU, 10 with --quick, 2 on CPU with --quick)",
+                        warmup_help="warm-up steps, the first compiles (default 5 on GPU, 3 with --quick, "
+                                    "1 on CPU with --quick)")
     ap.add_argument("--batch", type=int, nargs="+", help="images per batch of the 224² models (default 64 128 on GPU, 2 on CPU)")
     ap.add_argument("--rtnt-batch", type=int, nargs="+", help="images per batch of RTNT at 32² (default 128 256 on GPU, 2 on CPU)")
     ap.add_argument("--models", nargs="+", choices=GROUPS, help="model groups (default: all)")
@@ -202,16 +191,12 @@ def main(argv=None):
                     "on CPU with --quick the compiled ones only when named)")
     ap.add_argument("--list", action="store_true", help="print the candidates and exit")
     ap.add_argument("--amp", choices=("bfloat16", "float16", "none"), help="autocast dtype (default bfloat16 on GPU, none on CPU)")
-    ap.add_argument("--steps", type=int, help="timed steps (default 20 on GPU, 10 with --quick, 2 on CPU with --quick)")
-    ap.add_argument("--warmup", type=int, help="warm-up steps, the first compiles (default 5 on GPU, 3 with --quick, 1 on CPU with --quick)")
-    ap.add_argument("--budget", type=float, help="seconds: candidates that would start later are skipped with a note")
-    ap.add_argument("--quick", action="store_true", help="fewer steps; on CPU tiny 32² stand-ins at batch 2, no torch.compile")
-    ap.add_argument("--threads", type=int, help="torch.set_num_threads on CPU (default: 1 with --quick, which keeps a "
-                    "smoke run fast on a busy machine; else torch's choice)")
-    ap.add_argument("--out", help="JSON file to write (a PNG plot is written next to it)")
-    args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    gpu = device.type == "cuda"
+    return harness.parse(ap, argv, __file__)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device, gpu = args.device, args.gpu
     tiny = not gpu and args.quick
     all_cands = candidates(device, args.quick)
     if args.list:
@@ -221,51 +206,32 @@ def main(argv=None):
     batches = args.batch or ([64, 128] if gpu else [2])
     rtnt_batches = args.rtnt_batch or ([128, 256] if gpu else [2])
     amp = {"bfloat16": torch.bfloat16, "float16": torch.float16, "none": None}[args.amp or ("bfloat16" if gpu else "none")]
-    steps = args.steps or (20 if gpu and not args.quick else 10 if gpu or not args.quick else 2)
+    steps = args.repeat or (20 if gpu and not args.quick else 10 if gpu or not args.quick else 2)
     warmup = args.warmup or (5 if gpu and not args.quick else 3 if gpu or not args.quick else 1)
-    if not gpu and (args.threads or args.quick):
-        torch.set_num_threads(args.threads or 1)
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    meta = dict(common.environment(device), benchmark="train_step", amp=str(amp).replace("torch.", "") if amp else None,
-                optimizer="AdamW(fused)" if gpu else "AdamW", warmup=warmup, steps=steps, tiny_cpu_stand_ins=tiny,
-                backends_available={b: _backend.why_unavailable(b, device) is None for b in ("cpu", "cuda", "triton")})
-    print(json.dumps(meta))
-    rows = []
-    start = time.perf_counter()
-
-    def on_term(signum, frame):
-        raise _Terminated(f"signal {signum}")
-
-    try:
-        old_term = signal.signal(signal.SIGTERM, on_term)
-    except ValueError:  # not the main thread
-        old_term = None
-
-    def save(complete):
-        if args.out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            tmp = args.out + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(dict(meta=meta, complete=complete, rows=rows), f, indent=1)
-            os.replace(tmp, args.out)
-
-    complete, cand, B = True, None, None
-    try:
+    meta = harness.environment(device, benchmark="train_step", amp=str(amp).replace("torch.", "") if amp else None,
+                               optimizer="AdamW(fused)" if gpu else "AdamW", warmup=warmup, steps=steps,
+                               tiny_cpu_stand_ins=tiny,
+                               backends_available={b: _backend.why_unavailable(b, device) is None
+                                                   for b in ("cpu", "cuda", "triton")})
+    results = harness.Results(args.out, meta, COLUMNS, echo=True, budget=args.budget,
+                              plot_spec=dict(PLOT, subtitle=f"amp {meta['amp']}"))
+    with results:
         for cand in all_cands:
             if not _selected(cand, args.impls, args.models, explicit_compile=not tiny):
                 continue
             model = None
             for B in (rtnt_batches if cand.group == "rtnt_ti" else batches):
-                row = dict(impl=cand.impl, model=cand.model, group=cand.group, ours=cand.ours, batch=B, img_size=cand.img_size,
-                           img_per_s=None, step_ms=None, step_ms_p20=None, step_ms_p80=None, peak_mib=None,
-                           first_step_s=None, compile_s=None, steps=0, note="")
-                elapsed = time.perf_counter() - start
-                reserve = COMPILE_RESERVE_S if cand.compile and gpu else 0
-                if args.budget is not None and elapsed + reserve > args.budget:
-                    row["note"] = f"skipped: budget of {args.budget:.0f} s spent"
+                case = dict(model=cand.model, group=cand.group, ours=cand.ours, batch=B, img_size=cand.img_size)
+                row = harness.row(case, cand.impl, "train_step", harness.metrics(), img_per_s=None, step_ms=None,
+                                  step_ms_p20=None, step_ms_p80=None, first_step_s=None, compile_s=None, steps=0)
+                skip = results.over_budget(reserve=COMPILE_RESERVE_S if cand.compile and gpu else 0)
+                if skip:
+                    row["note"] = skip
                 else:
+                    results.expect(row)
                     try:
                         if cand.compile:
                             torch._dynamo.reset()
@@ -273,84 +239,15 @@ def main(argv=None):
                         fields, model = measure(cand, B, device, amp, warmup, steps, model)
                         row.update(fields)
                     except Exception as exc:  # noqa: BLE001  a candidate that fails is a row with a note
-                        row["note"] = _note(exc)
+                        row["note"] = harness.error_note(exc)
                         model = None
                     if gpu:
                         torch.cuda.empty_cache()
-                rows.append(row)
-                print(_format(row), flush=True)
-                save(complete=False)
+                results.add(row)
             del model
             if gpu:
                 torch.cuda.empty_cache()
-    except _Terminated as exc:
-        complete = False
-        if cand is not None:
-            rows.append(dict(impl=cand.impl, model=cand.model, group=cand.group, ours=cand.ours, batch=B,
-                             img_size=cand.img_size, img_per_s=None, step_ms=None, step_ms_p20=None,
-                             step_ms_p80=None, peak_mib=None, first_step_s=None, compile_s=None, steps=0,
-                             note=f"stopped by {exc} after {time.perf_counter() - start:.0f} s; later candidates not run"))
-        print(f"stopped by {exc}: writing what was measured", flush=True)
-    finally:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
-    print_table(rows)
-    save(complete=complete)
-    if args.out:
-        print(f"wrote {args.out} ({time.perf_counter() - start:.0f} s)")
-        plot(rows, os.path.splitext(args.out)[0] + ".png", meta)
-    return rows
-
-
-def _format(r) -> str:
-    ips = f"{r['img_per_s']:.1f}" if r["img_per_s"] is not None else "n/a"
-    ms = (f"{r['step_ms']:.2f} ({r['step_ms_p20']:.2f}-{r['step_ms_p80']:.2f})" if r["step_ms"] is not None else "n/a")
-    mem = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
-    comp = f"{r['compile_s']:.0f}" if r["compile_s"] is not None else "-"
-    return f"{r['group']:13s} {r['batch']:4d} {r['impl']:30s} {ips:>9s} {ms:>24s} {mem:>9s} {comp:>9s}  {r['note']}"
-
-
-def print_table(rows):
-    print(f"{'group':13s} {'B':>4s} {'impl':30s} {'img/s':>9s} {'step ms (p20-p80)':>24s} {'peak MiB':>9s} "
-          f"{'compile s':>9s}  note")
-    for r in rows:
-        print(_format(r))
-
-
-def plot(rows, path, meta):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
-    cases = sorted({_case(r) for r in rows}, key=lambda c: (GROUPS.index(c[0]), c[1]))
-    cases = [c for c in cases if any(r["img_per_s"] for r in rows if _case(r) == c)]
-    if not cases:
-        print("no measured rows: no plot")
-        return
-    fig, axes = plt.subplots(len(cases), 1, figsize=(9, 0.32 * len(rows) + 1.2 * len(cases) + 0.5), squeeze=False)
-    for ax, case in zip(axes[:, 0], cases):
-        sel = [r for r in rows if _case(r) == case and r["img_per_s"]]
-        ax.barh([r["impl"] for r in sel], [r["img_per_s"] for r in sel],
-                color=["tab:green" if r["ours"] else "tab:blue" if r["group"] == "vit_s16" else "tab:gray" for r in sel])
-        for i, r in enumerate(sel):
-            if r["peak_mib"] is not None:
-                ax.text(r["img_per_s"], i, f" {r['peak_mib']:.0f} MiB", va="center", fontsize=7)
-        ax.set_title(f"{case[0]} (+ViT-S/16 ceiling) B={case[1]}: training img/s (higher is better)"
-                     if case[0] == "tnt_s" else f"{case[0]} B={case[1]}: training img/s (higher is better)", fontsize=9)
-        ax.tick_params(labelsize=8)
-    fig.suptitle(f"{meta.get('gpu') or meta.get('cpu')} · torch {meta['torch']} · amp {meta['amp']} · "
-                 f"commit {meta['commit']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
-
-
-def _case(r):
-    return (r["group"] if r["group"] != "vit_s16" else "tnt_s", r["batch"])
+    return results.rows
 
 
 if __name__ == "__main__":

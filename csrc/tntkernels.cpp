@@ -6,6 +6,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "tntkernels/limits.h"
+
 TORCH_LIBRARY(tntkernels, m) {
   // softmax(q kᵀ · scale) v over (S, H, m, d) sequences; returns out (S, H, m, dv) and the row
   // log-sum-exp lse (S, H, m) in float32 (float64 for float64 inputs), saved for backward.
@@ -28,7 +30,7 @@ TORCH_LIBRARY(tntkernels, m) {
   m.def(
       "nested_attention_backward(Tensor grad_out, Tensor? grad_logits, Tensor q, Tensor k, Tensor v, "
       "Tensor? prev_logits, Tensor[] head_mlp, Tensor out, Tensor logits, Tensor lse, float scale) -> Tensor[]");
-  // TinT's H_sim-split linear map on x (N, D), D = H·d (shared/specs/tint.md §1):
+  // TinT's H_sim-split linear map on x (N, D), D = H·d (docs/tint.md §1):
   //   mix:   z[n, g, k] = Σ_h x[n, h, k] M[k, h, g] + m[k, g]     mix_weight M (d, H, H), mix_bias m (d, H)
   //   block: y[n, g, :] = z[n, g, :] @ A[g] + a[g]               block_weight A (H, d, d), block_bias a (H, d)
   // Either part may be absent (its weight None; a bias only with its weight). Returns y (N, D), x's dtype.
@@ -57,4 +59,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   }, "True when this build holds the CUDA kernels.");
   module.def("cuda_archs", []() { return std::string(TNTKERNELS_CUDA_ARCHS); },
              "TORCH_CUDA_ARCH_LIST the CUDA kernels were compiled for ('' for a CPU-only build).");
+  module.def("limits", []() {
+    namespace L = tntkernels::limits;
+    pybind11::dict d;
+    d["inner_attention.cuda.max_head_dim"] = L::inner_attention_cuda::kMaxHeadDim;
+    d["inner_attention.cuda.max_tokens"] = L::inner_attention_cuda::kMaxTokens;
+    d["inner_attention.cuda.max_rows"] = L::inner_attention_cuda::kMaxRows;
+    d["nested_attention.cuda.max_tokens"] = L::nested_attention_cuda::kMaxTokens;
+    d["nested_attention.cuda.max_heads"] = L::nested_attention_cuda::kMaxHeads;
+    d["nested_attention.cuda.max_head_dim"] = L::nested_attention_cuda::kMaxHeadDim;
+    d["hsim_split_linear.cuda.max_heads"] = L::hsim_split_cuda::kMaxHeads;
+    d["hsim_split_linear.cuda.max_head_dim"] = L::hsim_split_cuda::kMaxHeadDim;
+    return d;
+  }, "The size limits of the CUDA kernels (csrc/include/tntkernels/limits.h), {'<op>.cuda.<what>': int}; "
+     "the same in every build, CUDA compiled or not.");
 }

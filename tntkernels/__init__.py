@@ -6,7 +6,7 @@ Public API:
     inner_attention_ref, nested_attention_ref, hsim_split_linear_ref — pure-PyTorch references
     tntkernels.nn      — drop-in modules (Attention, TNTBlock)
     swap_in            — patch a timm TNT model in place onto those modules (`swap_in(model)`)
-    tntkernels.models  — TNT, RTNT and `create_model(name, **kwargs)`
+    create_model, list_models — TNT, RTNT, Nested-TNT by name, as `timm.create_model` (tntkernels.models)
 """
 __version__ = "0.1.0"
 
@@ -21,6 +21,7 @@ from .ops import (  # noqa: E402
     nested_attention,
     nested_attention_ref,
 )
+from .models import create_model, list_models  # noqa: E402
 from .swap import swap_in  # noqa: E402
 
 __all__ = [
@@ -29,5 +30,5 @@ __all__ = [
     "inner_block", "inner_block_ref",
     "nested_attention", "nested_attention_ref",
     "hsim_split_linear", "hsim_split_linear_ref",
-    "swap_in",
+    "swap_in", "create_model", "list_models",
 ]

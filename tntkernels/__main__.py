@@ -1,13 +1,13 @@
 """`python -m tntkernels`: the version, and which backends this machine can run, with reasons."""
 from __future__ import annotations
 
-import importlib
 import platform
 
 import torch
 
 import tntkernels
 from tntkernels import _backend
+from tntkernels.ops import registry
 
 
 def report() -> str:
@@ -35,11 +35,16 @@ def report() -> str:
         else:
             lines.append(f"  Triton    : unavailable: triton {triton.__version__} is installed but there is no "
                          "CUDA device (TRITON_INTERPRET=1 runs kernels on CPU tensors, slowly)")
-    lines.append("  ops and their backends:")
-    for name, family in (("inner_attention", "inner_attention"), ("nested_attention", "nested_attention"),
-                         ("hsim_split_linear", "hsim_split")):
-        mod = importlib.import_module(f"tntkernels.ops.{family}")
-        lines.append(f"    {name:18s}: {', '.join(mod._IMPLEMENTED)}")
+    lines.append("  ops: backends, and backend=None's order on cpu / cuda "
+                 f"(GPU kernels verified on hardware: {registry.GPU_KERNELS_VERIFIED})")
+    for name, spec in registry.OPS.items():
+        orders = "; ".join(f"{dev}: {' > '.join(registry.default_order(spec, torch.device(dev)))}"
+                           for dev in ("cpu", "cuda"))
+        lines.append(f"    {name:18s}: {', '.join(spec.implementations)}  [{orders}]")
+        for backend, limits in spec.limits.items():
+            values = limits()
+            if values:
+                lines.append(f"      {backend} limits: " + ", ".join(f"{k} {v}" for k, v in values.items()))
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""Which implementations exist on this machine, and how a `backend=` argument is resolved.
+"""Which backends this machine can run: the compiled extension, CUDA, Triton and its interpreter.
 
 Backends:
     "reference": the pure-PyTorch `<op>_ref` (any device, any floating dtype, autograd by PyTorch);
@@ -6,11 +6,11 @@ Backends:
     "cuda":      the CUDA C++ op `torch.ops.tntkernels.<op>` on CUDA tensors (same extension);
     "triton":    Triton kernels on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1).
 
-`backend=None` picks the best implementation available for the tensors' device; the
-environment variable TNTKERNELS_BACKEND, when set, replaces `None`.
+How `backend=None` picks among them, and what each covers: `tntkernels.ops.registry`.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -32,6 +32,14 @@ def cpp_available() -> bool:
     return _C is not None
 
 
+def cpp_limits() -> dict[str, int]:
+    """The CUDA C++ kernels' limits exported by `tntkernels._C.limits()` ({"<op>.cuda.<what>": n}),
+    empty when the extension is not built."""
+    if _C is None or not hasattr(_C, "limits"):
+        return {}
+    return dict(_C.limits())
+
+
 def cuda_compiled() -> bool:
     """True when `tntkernels._C` holds CUDA kernels (built with nvcc and a CUDA build of torch)."""
     return _C is not None and bool(_C.cuda_compiled())
@@ -46,7 +54,9 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.cache
 def triton_importable() -> bool:
+    """True when the triton package is installed (looked up once per process)."""
     return importlib.util.find_spec("triton") is not None
 
 
@@ -75,35 +85,3 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
             return None
         return f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device}"
     return f"unknown backend {backend!r}; expected one of {BACKENDS} or None"
-
-
-def resolve(op: str, backend: str | None, device: torch.device, implemented: dict[str, object],
-            preference: dict[str, tuple[str, ...]]) -> str:
-    """Pick the backend that runs `op` on `device`.
-
-    Args:
-        op: the op's name, for messages.
-        backend: the caller's choice; None means TNTKERNELS_BACKEND if set, else the first of
-            `preference[device.type]` that is implemented and available.
-        implemented: backend name -> implementation, for the backends this op has.
-        preference: device type -> backends in order of preference.
-    Raises:
-        ValueError: `backend` is not a known backend name.
-        RuntimeError: the requested backend is not implemented for `op` or cannot run on `device`.
-    """
-    if backend is None:
-        backend = os.environ.get("TNTKERNELS_BACKEND") or None
-    if backend is None:
-        for name in preference.get(device.type, ()) + ("reference",):
-            if name in implemented and why_unavailable(name, device) is None:
-                return name
-        return "reference"
-    if backend not in BACKENDS:
-        raise ValueError(f"{op}: unknown backend {backend!r}; expected None or one of {BACKENDS}")
-    if backend not in implemented:
-        raise RuntimeError(f"{op}: backend {backend!r} is not implemented for this op; "
-                           f"implemented: {tuple(implemented)}")
-    why = why_unavailable(backend, device)
-    if why is not None:
-        raise RuntimeError(f"{op}: backend {backend!r} is not available: {why}")
-    return backend

@@ -1,4 +1,4 @@
-// TinT's H_sim-split linear op on CPU (shared/specs/tint.md §1; tntkernels/ops/hsim_split.py).
+// TinT's H_sim-split linear op on CPU (docs/tint.md §1; tntkernels/ops/hsim_split.py).
 //
 // x (N, D), D = H·d, a row viewed as x[h, k]:
 //   mix:   z[n, g, k] = Σ_h x[n, h, k] M[k, h, g] + m[k, g]       M (d, H, H), m (d, H)
@@ -13,12 +13,11 @@
 // dx), A and Aᵀ per head, so every inner loop runs over a contiguous coordinate axis. The per-row parts
 // (mix, the H (rows × d)·(d × d) products, dz, dx) run over fixed tiles of kRows rows with
 // at::parallel_for; the products use a register-blocked kernel (6 rows × 16 floats or 8 doubles) compiled for
-// x86-64-v4 / v3 / baseline (target_clones, chosen at load time).
+// each ISA level of TNT_TARGET_CLONES (x86-64-v4 / v3 / baseline, chosen at load time).
 // Weight gradients: each output element belongs to exactly one task, which sums over all N rows in
 // increasing row order (dA: tasks (head g, block of kWgradRows rows of A[g]), over row blocks of kNBlock;
 // dM: one task per head h; da, dm: one task each). No atomics, no thread-count-dependent splitting:
 // the results are bitwise identical for any number of threads.
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -29,76 +28,11 @@
 #include <utility>
 #include <vector>
 
-#include "../checks.h"
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
-#define TNT_HS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define TNT_HS_CLONES
-#endif
-#define TNT_HS_INLINE inline __attribute__((always_inline))
+#include "tntkernels/cpu_vec.h"
+#include "tntkernels/dispatch.h"
+#include "tntkernels/hsim_split.h"
 
 namespace tntkernels {
-
-// Checks shared by the CPU and CUDA backends (declared again in csrc/cuda/hsim_split.cu); returns (H, d).
-std::pair<int64_t, int64_t> check_hsim_split_inputs(const at::Tensor& x, const c10::optional<at::Tensor>& mix_weight,
-                                                    const c10::optional<at::Tensor>& mix_bias,
-                                                    const c10::optional<at::Tensor>& block_weight,
-                                                    const c10::optional<at::Tensor>& block_bias) {
-  TORCH_CHECK(x.dim() == 2, "hsim_split_linear: x must be 2-D (N, D), got shape ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat ||
-                  x.scalar_type() == at::kDouble,
-              "hsim_split_linear: x must be float16, bfloat16, float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK(mix_weight.has_value() || !mix_bias.has_value(), "hsim_split_linear: mix_bias given without mix_weight");
-  TORCH_CHECK(block_weight.has_value() || !block_bias.has_value(),
-              "hsim_split_linear: block_bias given without block_weight");
-  const std::pair<const c10::optional<at::Tensor>*, const char*> all[4] = {
-      {&mix_weight, "mix_weight"}, {&mix_bias, "mix_bias"}, {&block_weight, "block_weight"}, {&block_bias, "block_bias"}};
-  for (const auto& [opt, name] : all) {
-    if (!opt->has_value()) continue;
-    const at::Tensor& t = **opt;
-    TORCH_CHECK(t.scalar_type() == x.scalar_type(), "hsim_split_linear: ", name, " has dtype ", t.scalar_type(),
-                " but x has ", x.scalar_type());
-    TORCH_CHECK(t.device() == x.device(), "hsim_split_linear: ", name, " must be on ", x.device(), " like x, got ",
-                t.device());
-  }
-  const int64_t D = x.size(1);
-  int64_t H = 1, d = D;
-  if (mix_weight.has_value()) {
-    const at::Tensor& M = *mix_weight;
-    TORCH_CHECK(M.dim() == 3 && M.size(1) == M.size(2), "hsim_split_linear: mix_weight must be 3-D (d, H, H), got shape ",
-                M.sizes());
-    H = M.size(1);
-    d = M.size(0);
-  } else if (block_weight.has_value()) {
-    const at::Tensor& A = *block_weight;
-    TORCH_CHECK(A.dim() == 3 && A.size(1) == A.size(2),
-                "hsim_split_linear: block_weight must be 3-D (H, d, d), got shape ", A.sizes());
-    H = A.size(0);
-    d = A.size(1);
-  }
-  TORCH_CHECK(H * d == D, "hsim_split_linear: x's last dim D=", D, " must equal H·d = ", H, "·", d,
-              " from the weights");
-  if (block_weight.has_value())
-    TORCH_CHECK(block_weight->sizes() == at::IntArrayRef({H, d, d}), "hsim_split_linear: block_weight must have shape (H, d, d) = (",
-                H, ", ", d, ", ", d, "), got ", block_weight->sizes());
-  if (mix_bias.has_value())
-    TORCH_CHECK(mix_bias->sizes() == at::IntArrayRef({d, H}), "hsim_split_linear: mix_bias must have shape (d, H) = (", d,
-                ", ", H, "), got ", mix_bias->sizes());
-  if (block_bias.has_value())
-    TORCH_CHECK(block_bias->sizes() == at::IntArrayRef({H, d}), "hsim_split_linear: block_bias must have shape (H, d) = (",
-                H, ", ", d, "), got ", block_bias->sizes());
-  return {H, d};
-}
-
-void check_hsim_split_backward_inputs(const at::Tensor& grad_y, const at::Tensor& x) {
-  TORCH_CHECK(grad_y.sizes() == x.sizes(), "hsim_split_linear_backward: grad_y must have x's shape (N, D) = ",
-              x.sizes(), ", got ", grad_y.sizes());
-  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), "hsim_split_linear_backward: grad_y has dtype ",
-              grad_y.scalar_type(), " but x has ", x.scalar_type());
-  TORCH_CHECK(grad_y.device() == x.device(), "hsim_split_linear_backward: grad_y must be on ", x.device(), ", got ",
-              grad_y.device());
-}
 
 namespace {
 
@@ -106,27 +40,14 @@ constexpr int64_t kRows = 32;       // rows per task of the per-row parts
 constexpr int64_t kNBlock = 128;    // rows per step of the dA reduction
 constexpr int64_t kWgradRows = 32;  // rows of A[g] per dA task
 
-// Register-blocked products use GCC vector types of 64 bytes (16 floats / 8 doubles): one zmm register
-// in the x86-64-v4 clone, two ymm in the v3 clone, four xmm in the baseline one.
-template <typename T>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float type __attribute__((vector_size(64), aligned(4), may_alias));
-  static constexpr int C = 16;
-};
-template <>
-struct Vec<double> {
-  typedef double type __attribute__((vector_size(64), aligned(8), may_alias));
-  static constexpr int C = 8;
-};
+// Register-blocked products use the 64-byte GCC vector types Vec<T> (cpu_vec.h): 16 floats / 8 doubles.
 constexpr int kMicroRows = 6;
 
 // c (R × C) += a (R × K; row r at a + r·lda, contiguous over K) · b (K × C; row k at b + k·ldb), where
 // C is one vector; the R accumulators stay in registers.
 template <typename T, int R>
-TNT_HS_INLINE void micro(int64_t K, const T* __restrict__ a, int64_t lda, const T* __restrict__ b, int64_t ldb,
-                         T* __restrict__ c, int64_t ldc) {
+TNT_INLINE void micro(int64_t K, const T* __restrict__ a, int64_t lda, const T* __restrict__ b, int64_t ldb,
+                      T* __restrict__ c, int64_t ldc) {
   using V = typename Vec<T>::type;
   V acc[R];
 #pragma GCC unroll 8
@@ -141,8 +62,8 @@ TNT_HS_INLINE void micro(int64_t K, const T* __restrict__ a, int64_t lda, const 
 }
 
 template <typename T>
-TNT_HS_INLINE void micro_rows(int64_t rows, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
-                              int64_t ldc) {
+TNT_INLINE void micro_rows(int64_t rows, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
+                           int64_t ldc) {
   switch (rows) {
     case 1: micro<T, 1>(K, a, lda, b, ldb, c, ldc); break;
     case 2: micro<T, 2>(K, a, lda, b, ldb, c, ldc); break;
@@ -155,8 +76,8 @@ TNT_HS_INLINE void micro_rows(int64_t rows, int64_t K, const T* a, int64_t lda, 
 
 // c (rows × cols) += a (rows × K) · b (K × cols), strides as in `micro`.
 template <typename T>
-TNT_HS_INLINE void gemm_acc(int64_t rows, int64_t cols, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb,
-                            T* c, int64_t ldc) {
+TNT_INLINE void gemm_acc(int64_t rows, int64_t cols, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb,
+                         T* c, int64_t ldc) {
   constexpr int C = Vec<T>::C;
   int64_t j0 = 0;
   for (; j0 + C <= cols; j0 += C) {
@@ -177,20 +98,11 @@ TNT_HS_INLINE void gemm_acc(int64_t rows, int64_t cols, int64_t K, const T* a, i
   }
 }
 
-template <typename T>
-TNT_HS_INLINE typename Vec<T>::type vload(const T* p) {
-  return *reinterpret_cast<const typename Vec<T>::type*>(p);
-}
-template <typename T>
-TNT_HS_INLINE void vstore(T* p, typename Vec<T>::type v) {
-  *reinterpret_cast<typename Vec<T>::type*>(p) = v;
-}
-
 // One row, heads g0 .. g0 + G, coordinates k0 .. k0 + C (one vector):
 //   o[g·d + k] = bias[g][k] + Σ_h xr[h·d + k] W[h][g][k]   (bias may be null).
 template <typename T, int G>
-TNT_HS_INLINE void mix_micro(int64_t H, int64_t d, const T* __restrict__ xr, const T* __restrict__ W,
-                             const T* __restrict__ bias, T* __restrict__ o, int64_t g0, int64_t k0) {
+TNT_INLINE void mix_micro(int64_t H, int64_t d, const T* __restrict__ xr, const T* __restrict__ W,
+                          const T* __restrict__ bias, T* __restrict__ o, int64_t g0, int64_t k0) {
   using V = typename Vec<T>::type;
   V acc[G];
 #pragma GCC unroll 4
@@ -207,8 +119,8 @@ TNT_HS_INLINE void mix_micro(int64_t H, int64_t d, const T* __restrict__ xr, con
 
 // out[r][g·d + k] = bias[g][k] + Σ_h in[r][h·d + k] W[h][g][k] for r < rows (bias may be null), all heads.
 template <typename T>
-TNT_HS_INLINE void mix_rows(int64_t rows, int64_t H, int64_t d, const T* __restrict__ in, int64_t ld_in,
-                            const T* __restrict__ W, const T* __restrict__ bias, T* __restrict__ out, int64_t ld_out) {
+TNT_INLINE void mix_rows(int64_t rows, int64_t H, int64_t d, const T* __restrict__ in, int64_t ld_in,
+                         const T* __restrict__ W, const T* __restrict__ bias, T* __restrict__ out, int64_t ld_out) {
   constexpr int C = Vec<T>::C;
   const int64_t kv = d - d % C;
   for (int64_t r = 0; r < rows; ++r) {
@@ -235,8 +147,8 @@ TNT_HS_INLINE void mix_rows(int64_t rows, int64_t H, int64_t d, const T* __restr
 
 // acc[g][k] = Σ_{n < rows} xh[n][k] dz[n][g·d + k]  (xh rows at stride ld_x, dz rows at stride ld_dz), n increasing.
 template <typename T>
-TNT_HS_INLINE void mix_wgrad(int64_t rows, int64_t H, int64_t d, const T* __restrict__ xh, int64_t ld_x,
-                             const T* __restrict__ dz, int64_t ld_dz, T* __restrict__ acc) {
+TNT_INLINE void mix_wgrad(int64_t rows, int64_t H, int64_t d, const T* __restrict__ xh, int64_t ld_x,
+                          const T* __restrict__ dz, int64_t ld_dz, T* __restrict__ acc) {
   using V = typename Vec<T>::type;
   constexpr int C = Vec<T>::C;
   const int64_t kv = d - d % C;
@@ -274,16 +186,16 @@ TNT_HS_INLINE void mix_wgrad(int64_t rows, int64_t H, int64_t d, const T* __rest
 }
 
 // Entry points of the float path (one clone per ISA level); the double path uses the templates directly.
-TNT_HS_CLONES void gemm_f32(int64_t rows, int64_t cols, int64_t K, const float* a, int64_t lda, const float* b,
-                            int64_t ldb, float* c, int64_t ldc) {
+TNT_TARGET_CLONES void gemm_f32(int64_t rows, int64_t cols, int64_t K, const float* a, int64_t lda, const float* b,
+                                int64_t ldb, float* c, int64_t ldc) {
   gemm_acc<float>(rows, cols, K, a, lda, b, ldb, c, ldc);
 }
-TNT_HS_CLONES void mix_rows_f32(int64_t rows, int64_t H, int64_t d, const float* in, int64_t ld_in, const float* W,
-                                const float* bias, float* out, int64_t ld_out) {
+TNT_TARGET_CLONES void mix_rows_f32(int64_t rows, int64_t H, int64_t d, const float* in, int64_t ld_in, const float* W,
+                                    const float* bias, float* out, int64_t ld_out) {
   mix_rows<float>(rows, H, d, in, ld_in, W, bias, out, ld_out);
 }
-TNT_HS_CLONES void mix_wgrad_f32(int64_t rows, int64_t H, int64_t d, const float* xh, int64_t ld_x, const float* dz,
-                                 int64_t ld_dz, float* acc) {
+TNT_TARGET_CLONES void mix_wgrad_f32(int64_t rows, int64_t H, int64_t d, const float* xh, int64_t ld_x, const float* dz,
+                                     int64_t ld_dz, float* acc) {
   mix_wgrad<float>(rows, H, d, xh, ld_x, dz, ld_dz, acc);
 }
 void gemm_any(int64_t rows, int64_t cols, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb,
@@ -311,14 +223,6 @@ void mix_wgrad_any(int64_t rows, int64_t H, int64_t d, const double* xh, int64_t
   mix_wgrad<double>(rows, H, d, xh, ld_x, dz, ld_dz, acc);
 }
 
-template <typename scalar_t, typename T>
-inline void load(const scalar_t* src, T* dst, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(src[j]);
-}
-template <typename T, typename scalar_t>
-inline void store(const T* src, scalar_t* dst, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<scalar_t>(src[j]);
-}
 
 // The weights in the accumulation type, laid out for the kernels (empty vectors for absent parts).
 template <typename T>
@@ -330,13 +234,6 @@ struct Packed {
   std::vector<T> At;   // (H, d, d): At[g][j][k] = A[g][k][j]
   std::vector<T> ab;   // (H, d)
 };
-
-template <typename T>
-std::vector<T> to_vec(const at::Tensor& t) {
-  const at::Tensor c = t.contiguous().to(at::kCPU, c10::CppTypeToScalarType<T>::value);
-  const T* p = c.data_ptr<T>();
-  return std::vector<T>(p, p + c.numel());
-}
 
 template <typename T>
 Packed<T> pack(const c10::optional<at::Tensor>& M, const c10::optional<at::Tensor>& m,
@@ -512,7 +409,7 @@ at::Tensor hsim_split_linear_cpu(const at::Tensor& x_in, const c10::optional<at:
   at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (y.numel() == 0) return y;
   const bool mix = M.has_value(), block = A.has_value();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hsim_split_linear_cpu", [&] {
+  TNT_DISPATCH_FLOAT_TYPES(x.scalar_type(), "hsim_split_linear_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const Packed<T> p = pack<T>(M, m, A, a, H, d, mix, false, block, false);
     hsim_fwd_kernel<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), p, mix, block, N, H, d);
@@ -532,24 +429,17 @@ std::vector<at::Tensor> hsim_split_linear_backward_cpu(const at::Tensor& grad_y_
   const at::Tensor x = x_in.contiguous(), g = grad_y_in.contiguous();
   const int64_t N = x.size(0);
   const bool mix = M.has_value(), block = A.has_value();
-  const auto empty = [&] { return at::empty({0}, x.options()); };
-  at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
-  at::Tensor dM = mix ? at::empty({d, H, H}, x.options()) : empty();
-  at::Tensor dm = m.has_value() ? at::empty({d, H}, x.options()) : empty();
-  at::Tensor dA = block ? at::empty({H, d, d}, x.options()) : empty();
-  at::Tensor da = a.has_value() ? at::empty({H, d}, x.options()) : empty();
-  if (N == 0 || H * d == 0) {  // gradients of empty sums are zero
-    for (auto* t : {&dM, &dm, &dA, &da}) t->zero_();
-    return {dx, dM, dm, dA, da};
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hsim_split_linear_backward_cpu", [&] {
+  std::vector<at::Tensor> grads = hsim_split_grad_outputs(x, H, d, mix, m.has_value(), block, a.has_value());
+  if (N == 0 || H * d == 0) return grads;  // weight gradients zero-filled (empty sums)
+  at::Tensor &dx = grads[0], &dM = grads[1], &dm = grads[2], &dA = grads[3], &da = grads[4];
+  TNT_DISPATCH_FLOAT_TYPES(x.scalar_type(), "hsim_split_linear_backward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const Packed<T> p = pack<T>(M, m, A, a, H, d, mix && block, mix, false, block);
     auto ptr = [](at::Tensor& t) { return t.numel() ? t.data_ptr<scalar_t>() : nullptr; };
     hsim_bwd_kernel<scalar_t>(g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), p, mix, block, m.has_value(),
                               a.has_value(), N, H, d, dx.data_ptr<scalar_t>(), ptr(dM), ptr(dm), ptr(dA), ptr(da));
   });
-  return {dx, dM, dm, dA, da};
+  return grads;
 }
 
 }  // namespace

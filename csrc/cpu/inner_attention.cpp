@@ -4,13 +4,12 @@
 // element is written by exactly one task, so results are deterministic. Per pair, the inputs are
 // copied into per-thread buffers in the accumulation type (float for float16 / bfloat16 / float32,
 // double for float64), with k, v and the gradients kept transposed (head_dim × m) so that every
-// inner loop runs over the m tokens and vectorizes; the float path is compiled for AVX2 and for
-// baseline x86-64 (target_clones, chosen at load time) and uses a branch-free exp that vectorizes.
+// inner loop runs over the m tokens and vectorizes; the float path is compiled once per ISA level
+// (TNT_TARGET_CLONES, chosen at load time) and uses a branch-free exp that vectorizes.
 //
 //   forward:  S = q kᵀ·scale;  P = softmax_rows(S);  out = P v;  lse_i = log Σ_j exp(S_ij)
 //   backward: P = exp(S − lse);  dP = dO vᵀ;  dS = P ⊙ (dP − rowsum(dO ⊙ O))·scale
 //             dQ = dS k;  dK = dSᵀ q;  dV = Pᵀ dO
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -22,14 +21,9 @@
 #include <tuple>
 #include <vector>
 
-#include "../checks.h"
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define TNT_TARGET_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define TNT_TARGET_CLONES
-#endif
-#define TNT_INLINE inline __attribute__((always_inline))
+#include "tntkernels/cpu_vec.h"
+#include "tntkernels/dispatch.h"
+#include "tntkernels/inner_attention.h"
 
 namespace tntkernels {
 namespace {
@@ -75,21 +69,20 @@ struct Scratch {
   }
 };
 
+// dst = src (rows × cols, row-major) converted, or its transpose (cols × rows).
 template <typename scalar_t, typename acc_t>
-TNT_INLINE void load(const scalar_t* src, acc_t* dst, int64_t rows, int64_t cols, bool transpose) {
+TNT_INLINE void load_matrix(const scalar_t* src, acc_t* dst, int64_t rows, int64_t cols, bool transpose) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c) dst[transpose ? c * rows + r : r * cols + c] = acc_t(src[r * cols + c]);
 }
 
-// y[0:n) += a · x[0:n), in fixed blocks of 8 that the compiler turns into single vector FMAs.
-template <typename acc_t>
-TNT_INLINE void axpy(acc_t* __restrict__ y, acc_t a, const acc_t* __restrict__ x, int64_t n) {
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-#pragma GCC unroll 8
-    for (int t = 0; t < 8; ++t) y[j + t] += a * x[j + t];
-  }
-  for (; j < n; ++j) y[j] += a * x[j];
+// Pair `pair`'s q (m × d), kᵀ (d × m) and vᵀ (dv × m) into w.
+template <typename scalar_t, typename acc_t>
+TNT_INLINE void load_qkv(Scratch<acc_t>& w, const scalar_t* q, const scalar_t* k, const scalar_t* v, int64_t pair,
+                         int64_t m, int64_t d, int64_t dv) {
+  load_matrix(q + pair * m * d, w.q.data(), m, d, false);
+  load_matrix(k + pair * m * d, w.kt.data(), m, d, true);
+  load_matrix(v + pair * m * dv, w.vt.data(), m, dv, true);
 }
 
 // s (m × m) = q (m × d) · kt·scale, rows over queries, kt (d × m).
@@ -191,23 +184,27 @@ void pair_backward_any(Scratch<double>& w, const double* lse, int64_t m, int64_t
   pair_backward<double>(w, lse, m, d, dv, scale);
 }
 
+// f(w, pair) for every (sequence, head) pair, over at::parallel_for tasks, each with its own scratch w.
+template <typename acc_t, typename F>
+void for_each_pair(int64_t pairs, int64_t m, int64_t d, int64_t dv, const F& f) {
+  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> w;
+    w.resize(m, d, dv);
+    for (int64_t pair = begin; pair < end; ++pair) f(w, pair);
+  });
+}
+
 template <typename scalar_t>
 void inner_attention_fwd_cpu_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* out,
                                     at::opmath_type<scalar_t>* lse, int64_t pairs, int64_t m, int64_t d,
                                     int64_t dv, double scale) {
   using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> w;
-    w.resize(m, d, dv);
-    for (int64_t pair = begin; pair < end; ++pair) {
-      load(q + pair * m * d, w.q.data(), m, d, false);
-      load(k + pair * m * d, w.kt.data(), m, d, true);
-      load(v + pair * m * dv, w.vt.data(), m, dv, true);
-      pair_forward_any(w, lse + pair * m, m, d, dv, static_cast<acc_t>(scale));
-      scalar_t* o = out + pair * m * dv;
-      for (int64_t i = 0; i < m; ++i)
-        for (int64_t c = 0; c < dv; ++c) o[i * dv + c] = static_cast<scalar_t>(w.o[c * m + i]);
-    }
+  for_each_pair<acc_t>(pairs, m, d, dv, [&](Scratch<acc_t>& w, int64_t pair) {
+    load_qkv(w, q, k, v, pair, m, d, dv);
+    pair_forward_any(w, lse + pair * m, m, d, dv, static_cast<acc_t>(scale));
+    scalar_t* o = out + pair * m * dv;
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t c = 0; c < dv; ++c) o[i * dv + c] = static_cast<scalar_t>(w.o[c * m + i]);
   });
 }
 
@@ -217,24 +214,18 @@ void inner_attention_bwd_cpu_kernel(const scalar_t* dout, const scalar_t* q, con
                                     scalar_t* dk, scalar_t* dv_out, int64_t pairs, int64_t m, int64_t d, int64_t dv,
                                     double scale) {
   using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> w;
-    w.resize(m, d, dv);
-    for (int64_t pair = begin; pair < end; ++pair) {
-      load(q + pair * m * d, w.q.data(), m, d, false);
-      load(k + pair * m * d, w.kt.data(), m, d, true);
-      load(v + pair * m * dv, w.vt.data(), m, dv, true);
-      load(dout + pair * m * dv, w.g.data(), m, dv, false);
-      load(dout + pair * m * dv, w.gt.data(), m, dv, true);
-      load(out + pair * m * dv, w.o.data(), m, dv, true);
-      pair_backward_any(w, lse + pair * m, m, d, dv, static_cast<acc_t>(scale));
-      for (int64_t i = 0; i < m; ++i) {
-        for (int64_t c = 0; c < d; ++c) {
-          dq[(pair * m + i) * d + c] = static_cast<scalar_t>(w.dqt[c * m + i]);
-          dk[(pair * m + i) * d + c] = static_cast<scalar_t>(w.dkt[c * m + i]);
-        }
-        for (int64_t c = 0; c < dv; ++c) dv_out[(pair * m + i) * dv + c] = static_cast<scalar_t>(w.dvt[c * m + i]);
+  for_each_pair<acc_t>(pairs, m, d, dv, [&](Scratch<acc_t>& w, int64_t pair) {
+    load_qkv(w, q, k, v, pair, m, d, dv);
+    load_matrix(dout + pair * m * dv, w.g.data(), m, dv, false);
+    load_matrix(dout + pair * m * dv, w.gt.data(), m, dv, true);
+    load_matrix(out + pair * m * dv, w.o.data(), m, dv, true);
+    pair_backward_any(w, lse + pair * m, m, d, dv, static_cast<acc_t>(scale));
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t c = 0; c < d; ++c) {
+        dq[(pair * m + i) * d + c] = static_cast<scalar_t>(w.dqt[c * m + i]);
+        dk[(pair * m + i) * d + c] = static_cast<scalar_t>(w.dkt[c * m + i]);
       }
+      for (int64_t c = 0; c < dv; ++c) dv_out[(pair * m + i) * dv + c] = static_cast<scalar_t>(w.dvt[c * m + i]);
     }
   });
 }
@@ -248,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor> inner_attention_cpu(const at::Tensor& q_in, c
   at::Tensor out = at::empty({S, H, m, dv}, q.options());
   at::Tensor lse = at::empty({S, H, m}, q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   if (S * H * m == 0) return {out, lse};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "inner_attention_cpu", [&] {
+  TNT_DISPATCH_FLOAT_TYPES(q.scalar_type(), "inner_attention_cpu", [&] {
     inner_attention_fwd_cpu_kernel<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                                              out.data_ptr<scalar_t>(), lse.data_ptr<at::opmath_type<scalar_t>>(),
                                              S * H, m, d, dv, scale);
@@ -266,7 +257,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> inner_attention_backward_cpu(
   const int64_t S = q.size(0), H = q.size(1), m = q.size(2), d = q.size(3), dv = v.size(3);
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dvt = at::empty_like(v);
   if (S * H * m == 0) return {dq, dk, dvt};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "inner_attention_backward_cpu", [&] {
+  TNT_DISPATCH_FLOAT_TYPES(q.scalar_type(), "inner_attention_backward_cpu", [&] {
     inner_attention_bwd_cpu_kernel<scalar_t>(
         g.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
         out.data_ptr<scalar_t>(), lse.data_ptr<at::opmath_type<scalar_t>>(), dq.data_ptr<scalar_t>(),

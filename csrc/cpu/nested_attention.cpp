@@ -15,7 +15,6 @@
 // gradients go to one partial row per chunk (accumulated in a fixed order) and the rows are summed in
 // chunk order at the end: results do not depend on the number of threads. Accumulation in float for
 // float16 / bfloat16 / float32, double for float64.
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -26,95 +25,15 @@
 #include <tuple>
 #include <vector>
 
-#include "../checks.h"
+#include "tntkernels/cpu_vec.h"
+#include "tntkernels/dispatch.h"
+#include "tntkernels/nested_attention.h"
 
 namespace tntkernels {
-
-// Checks shared by the CPU and CUDA backends (declared again in csrc/cuda/nested_attention.cu).
-void check_nested_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                   const c10::optional<at::Tensor>& prev, at::TensorList head_mlp,
-                                   const c10::optional<at::Tensor>& noise) {
-  TNT_CHECK_DIM(q, 4, "(B, H, T, d)");
-  TNT_CHECK_DIM(k, 4, "(B, H, T, d)");
-  TNT_CHECK_DIM(v, 4, "(B, H, T, dv)");
-  TNT_CHECK_FLOAT(q);
-  TNT_CHECK_SAME_DTYPE(k, q);
-  TNT_CHECK_SAME_DTYPE(v, q);
-  TNT_CHECK_DEVICE(k, q.device());
-  TNT_CHECK_DEVICE(v, q.device());
-  TORCH_CHECK(k.sizes() == q.sizes(), "k must have q's shape (B, H, T, d) = ", q.sizes(), ", got ", k.sizes());
-  TORCH_CHECK(v.size(0) == q.size(0) && v.size(1) == q.size(1) && v.size(2) == q.size(2),
-              "v must have shape (B, H, T, dv) with (B, H, T) of q ", q.sizes(), ", got ", v.sizes());
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2);
-  for (const auto* opt : {&prev, &noise}) {
-    if (!opt->has_value()) continue;
-    const at::Tensor& t = **opt;
-    const char* name = opt == &prev ? "prev_logits" : "noise";
-    TORCH_CHECK(t.dim() == 4 && t.size(0) == B && t.size(1) == H && t.size(2) == T && t.size(3) == T, name,
-                " must have shape (B, H, T, T) = (", B, ", ", H, ", ", T, ", ", T, "), got ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == q.scalar_type(), name, " has dtype ", t.scalar_type(), " but q has ",
-                q.scalar_type());
-    TORCH_CHECK(t.device() == q.device(), name, " must be on ", q.device(), ", got ", t.device());
-  }
-  TORCH_CHECK(head_mlp.empty() || head_mlp.size() == 6,
-              "head_mlp must be empty or 6 tensors (w1, b1, w2, b2, w3, b3), got ", head_mlp.size());
-  if (head_mlp.size() == 6) {
-    const char* names[6] = {"w1", "b1", "w2", "b2", "w3", "b3"};
-    const std::vector<std::vector<int64_t>> shapes = {{4 * H, H}, {4 * H}, {4 * H, 4 * H}, {4 * H}, {H, 4 * H}, {H}};
-    for (int n = 0; n < 6; ++n) {
-      const at::Tensor& t = head_mlp[n];
-      TORCH_CHECK(t.sizes() == at::IntArrayRef(shapes[n]), "head_mlp.", names[n], " must have shape ",
-                  at::IntArrayRef(shapes[n]), " for H = ", H, ", got ", t.sizes());
-      TORCH_CHECK(t.scalar_type() == q.scalar_type(), "head_mlp.", names[n], " has dtype ", t.scalar_type(),
-                  " but q has ", q.scalar_type());
-      TORCH_CHECK(t.device() == q.device(), "head_mlp.", names[n], " must be on ", q.device(), ", got ",
-                  t.device());
-    }
-  }
-}
-
-void check_nested_attention_backward_inputs(const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_logits,
-                                            const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                            const c10::optional<at::Tensor>& prev, at::TensorList head_mlp,
-                                            const at::Tensor& out, const at::Tensor& logits, const at::Tensor& lse) {
-  check_nested_attention_inputs(q, k, v, prev, head_mlp, grad_logits);
-  TORCH_CHECK(grad_out.sizes() == v.sizes(), "grad_out must have shape (B, H, T, dv) = ", v.sizes(), ", got ",
-              grad_out.sizes());
-  TORCH_CHECK(out.sizes() == v.sizes(), "out must have shape (B, H, T, dv) = ", v.sizes(), ", got ", out.sizes());
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2);
-  TORCH_CHECK(logits.dim() == 4 && logits.size(0) == B && logits.size(1) == H && logits.size(2) == T &&
-                  logits.size(3) == T,
-              "logits must have shape (B, H, T, T), got ", logits.sizes());
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == T,
-              "lse must have shape (B, H, T) = ", q.sizes().slice(0, 3), ", got ", lse.sizes());
-  TNT_CHECK_SAME_DTYPE(grad_out, q);
-  TNT_CHECK_SAME_DTYPE(logits, q);
-  TORCH_CHECK(lse.scalar_type() == (q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat),
-              "lse must be float32 (float64 for float64 inputs), got ", lse.scalar_type());
-  TNT_CHECK_DEVICE(grad_out, q.device());
-  TNT_CHECK_DEVICE(out, q.device());
-  TNT_CHECK_DEVICE(logits, q.device());
-  TNT_CHECK_DEVICE(lse, q.device());
-}
 
 namespace {
 
 constexpr double kSlope = 0.2;  // LeakyReLU negative slope of the head-MLP
-
-template <typename acc_t>
-inline void axpy(acc_t* __restrict__ y, acc_t a, const acc_t* __restrict__ x, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) y[j] += a * x[j];
-}
-template <typename acc_t>
-inline acc_t dot(const acc_t* __restrict__ a, const acc_t* __restrict__ b, int64_t n) {
-  acc_t s = 0;
-  for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
-  return s;
-}
-template <typename scalar_t, typename acc_t>
-inline void load(const scalar_t* src, acc_t* dst, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = acc_t(src[j]);
-}
 
 // out (rows × n) = w (rows × k) · x (k × n) + bias (rows), all row-major.
 template <typename acc_t>
@@ -345,9 +264,8 @@ template <typename acc_t>
 std::vector<acc_t> flat_weights(at::TensorList head_mlp) {
   std::vector<acc_t> W;
   for (const auto& t : head_mlp) {
-    const at::Tensor c = t.contiguous().to(at::kCPU, c10::CppTypeToScalarType<acc_t>::value);
-    const acc_t* p = c.data_ptr<acc_t>();
-    W.insert(W.end(), p, p + c.numel());
+    const std::vector<acc_t> w = to_vec<acc_t>(t);
+    W.insert(W.end(), w.begin(), w.end());
   }
   return W;
 }
@@ -366,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nested_attention_cpu(
   at::Tensor logits = at::empty({B, H, T, T}, q.options());
   at::Tensor lse = at::empty({B, H, T}, q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   if (B * H * T == 0) return {out, logits, lse};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "nested_attention_cpu", [&] {
+  TNT_DISPATCH_FLOAT_TYPES(q.scalar_type(), "nested_attention_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const std::vector<acc_t> W = mlp ? flat_weights<acc_t>(head_mlp) : std::vector<acc_t>();
     nested_fwd_kernel<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
@@ -400,7 +318,7 @@ std::vector<at::Tensor> nested_attention_backward_cpu(
   at::Tensor partial = at::zeros({mlp ? n_chunks : 0, n_params},
                                  q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   if (B * H * T > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "nested_attention_backward_cpu", [&] {
+    TNT_DISPATCH_FLOAT_TYPES(q.scalar_type(), "nested_attention_backward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const std::vector<acc_t> W = mlp ? flat_weights<acc_t>(head_mlp) : std::vector<acc_t>();
       nested_bwd_kernel<scalar_t>(g.data_ptr<scalar_t>(), gz.defined() ? gz.data_ptr<scalar_t>() : nullptr,
@@ -421,11 +339,7 @@ std::vector<at::Tensor> nested_attention_backward_cpu(
       for (int64_t c = 0; c < n_chunks; ++c)
         for (int64_t x = 0; x < n_params; ++x) t[x] += p[c * n_params + x];
     });
-    int64_t off = 0;
-    for (const auto& w : head_mlp) {
-      result.push_back(total.narrow(0, off, w.numel()).view(w.sizes()).to(q.scalar_type()).clone());
-      off += w.numel();
-    }
+    append_head_mlp_grads(result, total, head_mlp, q.scalar_type());
   }
   return result;
 }

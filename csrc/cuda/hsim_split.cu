@@ -1,4 +1,4 @@
-// TinT's H_sim-split linear op on CUDA (shared/specs/tint.md §1): same math as csrc/cpu/hsim_split.cpp.
+// TinT's H_sim-split linear op on CUDA (docs/tint.md §1): same math as csrc/cpu/hsim_split.cpp.
 // float32 / float16 / bfloat16 with float accumulation; H <= 64 heads, head width d <= 256.
 //
 // x (N, D), D = H·d:  z[n, g, k] = Σ_h x[n, h, k] M[k, h, g] + m[k, g];  y[n, g, :] = z[n, g, :] A[g] + a[g].
@@ -21,46 +21,32 @@
 // reproducible. Backward temporaries (float, N × D): dz when both parts are present, z when both parts
 // are present.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
-#include "../checks.h"
-
-// float32, float16 and bfloat16 only (float64 is rejected before dispatch).
-#define TNT_HS_DISPATCH_CUDA_TYPES(TYPE, NAME, ...)                                \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)         \
-                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)      \
-                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+#include "tntkernels/cuda_utils.h"
+#include "tntkernels/dispatch.h"
+#include "tntkernels/hsim_split.h"
+#include "tntkernels/limits.h"
 
 namespace tntkernels {
-
-// Defined in csrc/cpu/hsim_split.cpp.
-std::pair<int64_t, int64_t> check_hsim_split_inputs(const at::Tensor& x, const c10::optional<at::Tensor>& mix_weight,
-                                                    const c10::optional<at::Tensor>& mix_bias,
-                                                    const c10::optional<at::Tensor>& block_weight,
-                                                    const c10::optional<at::Tensor>& block_bias);
-void check_hsim_split_backward_inputs(const at::Tensor& grad_y, const at::Tensor& x);
-
 namespace {
 
-constexpr int kMaxHeads = 64;
-constexpr int kMaxHeadDim = 256;
+using limits::hsim_split_cuda::kMaxHeadDim;
+using limits::hsim_split_cuda::kMaxHeads;
+
 constexpr int kThreads = 256;
 constexpr int kBM = 32;  // rows per head_gemm tile
 constexpr int kBN = 64;  // output columns per step
 constexpr int kBK = 32;  // rows of A[g] staged per step
 constexpr int kWT = 64;  // dA tile (kWT × kWT)
 constexpr int kWR = 16;  // rows staged per step in wgrad_block
-constexpr int64_t kMaxGrid = 1 << 20;
 constexpr int64_t kPartialFloats = 16LL << 20;  // at most 64 MB of float partials per weight gradient
 
 template <typename T>
@@ -108,7 +94,7 @@ __global__ void __launch_bounds__(kThreads) head_gemm_kernel(const in_t* __restr
   const int64_t row_tiles = (N + kBM - 1) / kBM;
   const int64_t items = row_tiles * H;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;  // 16 × 16 threads: rows ty, ty + 16; cols tx + 16 c
-  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+  TNT_BLOCK_STRIDE_LOOP(item, items) {
     const int g = static_cast<int>(item % H);
     const int64_t n0 = (item / H) * kBM;
     __syncthreads();  // zs of the previous item is no longer read
@@ -166,8 +152,7 @@ template <bool TRANS, typename in_t, typename scalar_t, typename out_t>
 __global__ void mix_kernel(const in_t* __restrict__ in, const scalar_t* __restrict__ M, const scalar_t* __restrict__ mb,
                            out_t* __restrict__ out, int64_t N, int H, int d) {
   const int64_t D = static_cast<int64_t>(H) * d, total = N * D;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  TNT_GRID_STRIDE_LOOP(i, total) {
     const int64_t n = i / D;
     const int c = static_cast<int>(i - n * D), g = c / d, k = c % d;
     const in_t* xr = in + n * D + k;
@@ -191,7 +176,7 @@ __global__ void __launch_bounds__(kThreads) wgrad_block_kernel(const z_t* __rest
   const int tiles = (d + kWT - 1) / kWT;
   const int64_t items = n_chunks * H * tiles * tiles;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;  // k = k0 + ty + 16 i, j = j0 + tx + 16 c
-  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+  TNT_BLOCK_STRIDE_LOOP(item, items) {
     int64_t rest = item;
     const int jt = static_cast<int>(rest % tiles);
     rest /= tiles;
@@ -248,8 +233,7 @@ __global__ void wgrad_mix_kernel(const x_t* __restrict__ x, const dz_t* __restri
   const int64_t D = static_cast<int64_t>(H) * d;
   const int groups = (H + kGGroup - 1) / kGGroup;
   const int64_t total = n_chunks * H * groups * d;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  TNT_GRID_STRIDE_LOOP(i, total) {
     int64_t rest = i;
     const int k = static_cast<int>(rest % d);
     rest /= d;
@@ -281,8 +265,7 @@ template <typename in_t>
 __global__ void colsum_kernel(const in_t* __restrict__ in, float* __restrict__ partial, int64_t N, int64_t D,
                               int64_t chunk_rows, int64_t n_chunks) {
   const int64_t total = n_chunks * D;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  TNT_GRID_STRIDE_LOOP(i, total) {
     const int64_t c = i / D, col = i - c * D;
     const int64_t r0 = c * chunk_rows, r1 = min(N, r0 + chunk_rows);
     float s = 0.f;
@@ -294,16 +277,11 @@ __global__ void colsum_kernel(const in_t* __restrict__ in, float* __restrict__ p
 // out[i] = Σ_c partial[c][i] (c increasing).
 template <typename out_t>
 __global__ void reduce_kernel(const float* __restrict__ partial, out_t* __restrict__ out, int64_t P, int64_t n_chunks) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < P;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  TNT_GRID_STRIDE_LOOP(i, P) {
     float s = 0.f;
     for (int64_t c = 0; c < n_chunks; ++c) s += partial[c * P + i];
     out[i] = static_cast<out_t>(s);
   }
-}
-
-unsigned int grid_for(int64_t items, int64_t per_block) {
-  return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>((items + per_block - 1) / per_block, kMaxGrid)));
 }
 
 // Rows per chunk of a weight-gradient reduction with `params` floats per chunk: at least `min_rows`,
@@ -332,29 +310,34 @@ template <bool MIX, bool TRANS_B, typename in_t, typename scalar_t, typename out
 void launch_head_gemm(const in_t* in, const scalar_t* M, const scalar_t* mb, const scalar_t* A, const scalar_t* bias,
                       out_t* out, int64_t N, int64_t H, int64_t d, cudaStream_t stream) {
   const int64_t items = (N + kBM - 1) / kBM * H;
+  static_assert((kBM * (kMaxHeadDim + 1) + kBK * kBN) * sizeof(float) <= cuda::kDefaultDynamicSmemBytes,
+                "head_gemm's shared memory (zs for d <= kMaxHeadDim, and bs) must fit in 48 KB");
   const size_t smem = static_cast<size_t>(kBM) * (d + 1) * sizeof(float);  // ≤ 32·257·4 B; with bs < 48 KB
-  head_gemm_kernel<MIX, TRANS_B, in_t, scalar_t, out_t><<<grid_for(items, 1), kThreads, smem, stream>>>(
-      in, M, mb, A, bias, out, N, static_cast<int>(H), static_cast<int>(d));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cuda::launch(head_gemm_kernel<MIX, TRANS_B, in_t, scalar_t, out_t>, cuda::capped_grid(items, 1), kThreads, smem,
+               stream, in, M, mb, A, bias, out, N, static_cast<int>(H), static_cast<int>(d));
 }
 
 template <bool TRANS, typename in_t, typename scalar_t, typename out_t>
 void launch_mix(const in_t* in, const scalar_t* M, const scalar_t* mb, out_t* out, int64_t N, int64_t H, int64_t d,
                 cudaStream_t stream) {
-  mix_kernel<TRANS, in_t, scalar_t, out_t><<<grid_for(N * H * d, kThreads), kThreads, 0, stream>>>(
-      in, M, mb, out, N, static_cast<int>(H), static_cast<int>(d));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cuda::launch(mix_kernel<TRANS, in_t, scalar_t, out_t>, cuda::capped_grid(N * H * d, kThreads), kThreads, 0, stream,
+               in, M, mb, out, N, static_cast<int>(H), static_cast<int>(d));
+}
+
+// out[i] = Σ_c partial[c][i] for i < P, in the output dtype.
+template <typename out_t>
+void launch_reduce(const at::Tensor& partial, out_t* out, int64_t P, int64_t n_chunks, cudaStream_t stream) {
+  cuda::launch(reduce_kernel<out_t>, cuda::capped_grid(P, kThreads), kThreads, 0, stream, partial.data_ptr<float>(),
+               out, P, n_chunks);
 }
 
 template <typename in_t, typename out_t>
 void column_sums(const in_t* in, out_t* out, int64_t N, int64_t D, const at::Tensor& like, cudaStream_t stream) {
   const int64_t rows = chunk_rows_for(N, D, 64), n_chunks = (N + rows - 1) / rows;
   at::Tensor partial = at::empty({n_chunks, D}, like.options().dtype(at::kFloat));
-  colsum_kernel<in_t><<<grid_for(n_chunks * D, kThreads), kThreads, 0, stream>>>(in, partial.data_ptr<float>(), N, D,
-                                                                                 rows, n_chunks);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  reduce_kernel<out_t><<<grid_for(D, kThreads), kThreads, 0, stream>>>(partial.data_ptr<float>(), out, D, n_chunks);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cuda::launch(colsum_kernel<in_t>, cuda::capped_grid(n_chunks * D, kThreads), kThreads, 0, stream, in,
+               partial.data_ptr<float>(), N, D, rows, n_chunks);
+  launch_reduce(partial, out, D, n_chunks, stream);
 }
 
 at::Tensor hsim_split_linear_cuda(const at::Tensor& x_in, const c10::optional<at::Tensor>& M_in,
@@ -363,15 +346,15 @@ at::Tensor hsim_split_linear_cuda(const at::Tensor& x_in, const c10::optional<at
   const std::pair<int64_t, int64_t> hd = check_hsim_split_inputs(x_in, M_in, m_in, A_in, a_in);
   const int64_t H = hd.first, d = hd.second;
   check_cuda_range(x_in, H, d);
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const cuda::DeviceScope scope(x_in);
   const at::Tensor x = x_in.contiguous(), M = opt_contig(M_in), m = opt_contig(m_in), A = opt_contig(A_in),
                    a = opt_contig(a_in);
   const int64_t N = x.size(0);
   at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (y.numel() == 0) return y;
   if (!M.defined() && !A.defined()) return y.copy_(x);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  TNT_HS_DISPATCH_CUDA_TYPES(x.scalar_type(), "hsim_split_linear_cuda", [&] {
+  const cudaStream_t stream = scope.stream();
+  TNT_DISPATCH_CUDA_TYPES(x.scalar_type(), "hsim_split_linear_cuda", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     if (!A.defined()) {
@@ -396,25 +379,21 @@ std::vector<at::Tensor> hsim_split_linear_backward_cuda(const at::Tensor& grad_y
   const int64_t H = hd.first, d = hd.second;
   check_hsim_split_backward_inputs(grad_y_in, x_in);
   check_cuda_range(x_in, H, d);
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const cuda::DeviceScope scope(x_in);
   const at::Tensor x = x_in.contiguous(), gy = grad_y_in.contiguous(), M = opt_contig(M_in), m = opt_contig(m_in),
                    A = opt_contig(A_in), a = opt_contig(a_in);
   const int64_t N = x.size(0), D = H * d;
   const bool mix = M.defined(), block = A.defined();
-  const auto empty = [&] { return at::empty({0}, x.options()); };
-  at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
-  at::Tensor dM = mix ? at::empty({d, H, H}, x.options()) : empty();
-  at::Tensor dm = m.defined() ? at::empty({d, H}, x.options()) : empty();
-  at::Tensor dA = block ? at::empty({H, d, d}, x.options()) : empty();
-  at::Tensor da = a.defined() ? at::empty({H, d}, x.options()) : empty();
-  if (N == 0 || D == 0) {
-    for (auto* t : {&dM, &dm, &dA, &da}) t->zero_();
-    return {dx, dM, dm, dA, da};
+  std::vector<at::Tensor> grads = hsim_split_grad_outputs(x, H, d, mix, m.defined(), block, a.defined());
+  if (N == 0 || D == 0) return grads;  // weight gradients zero-filled (empty sums)
+  at::Tensor &dx = grads[0], &dM = grads[1], &dm = grads[2], &dA = grads[3], &da = grads[4];
+  if (!mix && !block) {
+    dx.copy_(gy);
+    return grads;
   }
-  if (!mix && !block) return {dx.copy_(gy), dM, dm, dA, da};
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = scope.stream();
   const at::TensorOptions fopt = x.options().dtype(at::kFloat);
-  TNT_HS_DISPATCH_CUDA_TYPES(x.scalar_type(), "hsim_split_linear_backward_cuda", [&] {
+  TNT_DISPATCH_CUDA_TYPES(x.scalar_type(), "hsim_split_linear_backward_cuda", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* gp = gy.data_ptr<scalar_t>();
     const scalar_t* Mp = opt_ptr<scalar_t>(M);
@@ -431,35 +410,24 @@ std::vector<at::Tensor> hsim_split_linear_backward_cuda(const at::Tensor& grad_y
       }
     }
     if (mix) {
-      // dx = mix transpose of dz; dM, dm from x and dz.
+      // dx = mix transpose of dz; dM, dm from x and dz (the float workspace, or dy itself without the block).
       const int64_t mrows = chunk_rows_for(N, D * H, 64), mchunks = (N + mrows - 1) / mrows;
       at::Tensor partial = at::empty({mchunks, D * H}, fopt);
       const int64_t items = mchunks * H * ((H + kGGroup - 1) / kGGroup) * d;
-      if (block) {
-        const float* dz = dzf.data_ptr<float>();
+      const auto mix_grads = [&](const auto* dz) {
+        using dz_t = std::remove_cv_t<std::remove_pointer_t<decltype(dz)>>;
         launch_mix<true>(dz, Mp, none, dx.data_ptr<scalar_t>(), N, H, d, stream);
-        wgrad_mix_kernel<scalar_t, float><<<grid_for(items, kThreads), kThreads, 0, stream>>>(
-            xp, dz, partial.data_ptr<float>(), N, static_cast<int>(H), static_cast<int>(d), mrows, mchunks);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        cuda::launch(wgrad_mix_kernel<scalar_t, dz_t>, cuda::capped_grid(items, kThreads), kThreads, 0, stream, xp,
+                     dz, partial.data_ptr<float>(), N, static_cast<int>(H), static_cast<int>(d), mrows, mchunks);
         if (m.defined()) {  // dm[k, g] = Σ_n dz[n, g, k]: column sums in (g, k) order, then transposed
           at::Tensor dm_gk = at::empty({H, d}, x.options());
           column_sums(dz, dm_gk.data_ptr<scalar_t>(), N, D, x, stream);
           dm.copy_(dm_gk.t());
         }
-      } else {
-        launch_mix<true>(gp, Mp, none, dx.data_ptr<scalar_t>(), N, H, d, stream);
-        wgrad_mix_kernel<scalar_t, scalar_t><<<grid_for(items, kThreads), kThreads, 0, stream>>>(
-            xp, gp, partial.data_ptr<float>(), N, static_cast<int>(H), static_cast<int>(d), mrows, mchunks);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        if (m.defined()) {
-          at::Tensor dm_gk = at::empty({H, d}, x.options());
-          column_sums(gp, dm_gk.data_ptr<scalar_t>(), N, D, x, stream);
-          dm.copy_(dm_gk.t());
-        }
-      }
-      reduce_kernel<scalar_t><<<grid_for(D * H, kThreads), kThreads, 0, stream>>>(
-          partial.data_ptr<float>(), dM.data_ptr<scalar_t>(), D * H, mchunks);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (block) mix_grads(static_cast<const float*>(dzf.data_ptr<float>()));
+      else mix_grads(gp);
+      launch_reduce(partial, dM.data_ptr<scalar_t>(), D * H, mchunks, stream);
     }
     if (block) {
       // dA from z (the mix of x, recomputed in float, or x itself) and dy; da = column sums of dy.
@@ -470,21 +438,18 @@ std::vector<at::Tensor> hsim_split_linear_backward_cuda(const at::Tensor& grad_y
       if (mix) {
         at::Tensor zf = at::empty({N, D}, fopt);
         launch_mix<false>(xp, Mp, opt_ptr<scalar_t>(m), zf.data_ptr<float>(), N, H, d, stream);
-        wgrad_block_kernel<float, scalar_t><<<grid_for(items, 1), kThreads, 0, stream>>>(
-            zf.data_ptr<float>(), gp, partial.data_ptr<float>(), N, static_cast<int>(H), static_cast<int>(d), brows,
-            bchunks);
+        cuda::launch(wgrad_block_kernel<float, scalar_t>, cuda::capped_grid(items, 1), kThreads, 0, stream,
+                     zf.data_ptr<float>(), gp, partial.data_ptr<float>(), N, static_cast<int>(H), static_cast<int>(d),
+                     brows, bchunks);
       } else {
-        wgrad_block_kernel<scalar_t, scalar_t><<<grid_for(items, 1), kThreads, 0, stream>>>(
-            xp, gp, partial.data_ptr<float>(), N, static_cast<int>(H), static_cast<int>(d), brows, bchunks);
+        cuda::launch(wgrad_block_kernel<scalar_t, scalar_t>, cuda::capped_grid(items, 1), kThreads, 0, stream, xp,
+                     gp, partial.data_ptr<float>(), N, static_cast<int>(H), static_cast<int>(d), brows, bchunks);
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      reduce_kernel<scalar_t><<<grid_for(P, kThreads), kThreads, 0, stream>>>(partial.data_ptr<float>(),
-                                                                              dA.data_ptr<scalar_t>(), P, bchunks);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_reduce(partial, dA.data_ptr<scalar_t>(), P, bchunks, stream);
       if (a.defined()) column_sums(gp, da.data_ptr<scalar_t>(), N, D, x, stream);
     }
   });
-  return {dx, dM, dm, dA, da};
+  return grads;
 }
 
 }  // namespace

@@ -7,23 +7,26 @@
 //   kernel 2, one thread per key row j:    dV_j = Σ_i P_ij dO_i,  dK_j = scale Σ_i P_ij (dO_i·v_j − D_i) q_i
 // with P_ij = exp(scale q_i·k_j − lse_i) recomputed from the forward's log-sum-exp.
 // Accumulation in float for float16 / bfloat16 / float32, double for float64.
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <limits>
 #include <tuple>
 
-#include "../checks.h"
+#include "tntkernels/cuda_utils.h"
+#include "tntkernels/dispatch.h"
+#include "tntkernels/inner_attention.h"
+#include "tntkernels/limits.h"
 
 namespace tntkernels {
 namespace {
 
+using limits::inner_attention_cuda::kMaxHeadDim;
+using limits::inner_attention_cuda::kMaxRows;
+using limits::inner_attention_cuda::kMaxTokens;
+
 constexpr int kThreads = 128;
-constexpr int kMaxHeadDim = 64;
+static_assert(kMaxRows == kMaxTokens * kThreads, "max_rows: at most 2^31 - 1 blocks of kThreads rows");
 
 // Loads row `row` (length n ≤ DMAX) of a row-major matrix into registers, zero-padded.
 template <int DMAX, typename scalar_t, typename acc_t>
@@ -47,7 +50,7 @@ __global__ void inner_attention_fwd_kernel(const scalar_t* __restrict__ q, const
                                            at::opmath_type<scalar_t>* __restrict__ lse, int64_t rows, int m, int d,
                                            int dv, at::opmath_type<scalar_t> scale) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;  // (pair, i)
+  const int64_t row = cuda::global_thread_index();  // (pair, i)
   if (row >= rows) return;
   const int64_t pair = row / m;
   acc_t qi[DMAX], o[DMAX];
@@ -83,7 +86,7 @@ __global__ void inner_attention_bwd_dq_kernel(const scalar_t* __restrict__ dout,
                                               at::opmath_type<scalar_t>* __restrict__ delta, scalar_t* __restrict__ dq,
                                               int64_t rows, int m, int d, int dv, at::opmath_type<scalar_t> scale) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;  // (pair, i)
+  const int64_t row = cuda::global_thread_index();  // (pair, i)
   if (row >= rows) return;
   const int64_t pair = row / m;
   acc_t qi[DMAX], gi[DMAX], dqi[DMAX];
@@ -116,7 +119,7 @@ __global__ void inner_attention_bwd_dkdv_kernel(const scalar_t* __restrict__ dou
                                                 scalar_t* __restrict__ dk, scalar_t* __restrict__ dv_out, int64_t rows,
                                                 int m, int d, int dv, at::opmath_type<scalar_t> scale) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;  // (pair, j)
+  const int64_t row = cuda::global_thread_index();  // (pair, j)
   if (row >= rows) return;
   const int64_t pair = row / m;
   acc_t kj[DMAX], vj[DMAX], dkj[DMAX], dvj[DMAX];
@@ -143,13 +146,15 @@ __global__ void inner_attention_bwd_dkdv_kernel(const scalar_t* __restrict__ dou
   }
 }
 
-// Calls f.template operator()<DMAX>() with the smallest DMAX in {8, 16, 32, 64} holding n.
+// Calls f(std::integral_constant<int, DMAX>) with the smallest DMAX in {8, 16, 32, kMaxHeadDim} holding n
+// (n <= kMaxHeadDim, checked before).
+static_assert(kMaxHeadDim >= 32, "dispatch_head_dim's last case is kMaxHeadDim");
 template <typename F>
 void dispatch_head_dim(int64_t n, F&& f) {
   if (n <= 8) f(std::integral_constant<int, 8>{});
   else if (n <= 16) f(std::integral_constant<int, 16>{});
   else if (n <= 32) f(std::integral_constant<int, 32>{});
-  else f(std::integral_constant<int, 64>{});
+  else f(std::integral_constant<int, kMaxHeadDim>{});
 }
 
 void check_cuda_inputs(const at::Tensor& q, const at::Tensor& v) {
@@ -157,35 +162,33 @@ void check_cuda_inputs(const at::Tensor& q, const at::Tensor& v) {
   TORCH_CHECK(q.size(3) <= kMaxHeadDim && v.size(3) <= kMaxHeadDim,
               "inner_attention (CUDA): head_dim d and dv must be <= ", kMaxHeadDim, ", got d=", q.size(3),
               ", dv=", v.size(3));
-  TORCH_CHECK(q.size(2) <= std::numeric_limits<int>::max(), "inner_attention (CUDA): m too large");
+  TORCH_CHECK(q.size(2) <= kMaxTokens, "inner_attention (CUDA): m too large");
 }
 
+// One thread per row, no grid-stride loop: the grid holds every row.
 unsigned int num_blocks(int64_t rows) {
-  const int64_t blocks = (rows + kThreads - 1) / kThreads;
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "inner_attention (CUDA): too many rows (", rows, ")");
-  return static_cast<unsigned int>(blocks);
+  TORCH_CHECK(rows <= kMaxRows, "inner_attention (CUDA): too many rows (", rows, ")");
+  return static_cast<unsigned int>(cuda::ceil_div(rows, kThreads));
 }
 
 std::tuple<at::Tensor, at::Tensor> inner_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                         const at::Tensor& v_in, double scale) {
   check_inner_attention_inputs(q_in, k_in, v_in);
   check_cuda_inputs(q_in, v_in);
-  const c10::cuda::CUDAGuard guard(q_in.device());
+  const cuda::DeviceScope scope(q_in);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const int64_t S = q.size(0), H = q.size(1), m = q.size(2), d = q.size(3), dv = v.size(3);
   at::Tensor out = at::empty({S, H, m, dv}, q.options());
   at::Tensor lse = at::empty({S, H, m}, q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   const int64_t rows = S * H * m;
   if (rows == 0) return {out, lse};
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "inner_attention_cuda", [&] {
+  TNT_DISPATCH_FLOAT_TYPES(q.scalar_type(), "inner_attention_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_head_dim(std::max(d, dv), [&](auto dmax) {
-      inner_attention_fwd_kernel<scalar_t, decltype(dmax)::value><<<num_blocks(rows), kThreads, 0, stream>>>(
-          q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-          lse.data_ptr<acc_t>(), rows, static_cast<int>(m), static_cast<int>(d), static_cast<int>(dv),
-          static_cast<acc_t>(scale));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch(inner_attention_fwd_kernel<scalar_t, decltype(dmax)::value>, num_blocks(rows), kThreads, 0,
+                   scope.stream(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                   out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), rows, static_cast<int>(m), static_cast<int>(d),
+                   static_cast<int>(dv), static_cast<acc_t>(scale));
     });
   });
   return {out, lse};
@@ -196,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> inner_attention_backward_cuda(
     const at::Tensor& out_in, const at::Tensor& lse_in, double scale) {
   check_inner_attention_backward_inputs(grad_out_in, q_in, k_in, v_in, out_in, lse_in);
   check_cuda_inputs(q_in, v_in);
-  const c10::cuda::CUDAGuard guard(q_in.device());
+  const cuda::DeviceScope scope(q_in);
   const at::Tensor g = grad_out_in.contiguous(), q = q_in.contiguous(), k = k_in.contiguous(),
                    v = v_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
   const int64_t S = q.size(0), H = q.size(1), m = q.size(2), d = q.size(3), dv = v.size(3);
@@ -204,21 +207,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> inner_attention_backward_cuda(
   const int64_t rows = S * H * m;
   if (rows == 0) return {dq, dk, dvt};
   at::Tensor delta = at::empty_like(lse);
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "inner_attention_backward_cuda", [&] {
+  TNT_DISPATCH_FLOAT_TYPES(q.scalar_type(), "inner_attention_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_head_dim(std::max(d, dv), [&](auto dmax) {
       constexpr int DMAX = decltype(dmax)::value;
-      inner_attention_bwd_dq_kernel<scalar_t, DMAX><<<num_blocks(rows), kThreads, 0, stream>>>(
-          g.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-          out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), delta.data_ptr<acc_t>(), dq.data_ptr<scalar_t>(), rows,
-          static_cast<int>(m), static_cast<int>(d), static_cast<int>(dv), static_cast<acc_t>(scale));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      inner_attention_bwd_dkdv_kernel<scalar_t, DMAX><<<num_blocks(rows), kThreads, 0, stream>>>(
-          g.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-          lse.data_ptr<acc_t>(), delta.data_ptr<acc_t>(), dk.data_ptr<scalar_t>(), dvt.data_ptr<scalar_t>(), rows,
-          static_cast<int>(m), static_cast<int>(d), static_cast<int>(dv), static_cast<acc_t>(scale));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const unsigned int grid = num_blocks(rows);
+      cuda::launch(inner_attention_bwd_dq_kernel<scalar_t, DMAX>, grid, kThreads, 0, scope.stream(),
+                   g.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                   out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), delta.data_ptr<acc_t>(), dq.data_ptr<scalar_t>(),
+                   rows, static_cast<int>(m), static_cast<int>(d), static_cast<int>(dv), static_cast<acc_t>(scale));
+      cuda::launch(inner_attention_bwd_dkdv_kernel<scalar_t, DMAX>, grid, kThreads, 0, scope.stream(),
+                   g.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                   lse.data_ptr<acc_t>(), delta.data_ptr<acc_t>(), dk.data_ptr<scalar_t>(), dvt.data_ptr<scalar_t>(),
+                   rows, static_cast<int>(m), static_cast<int>(d), static_cast<int>(dv), static_cast<acc_t>(scale));
     });
   });
   return {dq, dk, dvt};

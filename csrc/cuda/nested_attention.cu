@@ -16,11 +16,7 @@
 // The per-block slot (Z / dZ and the MLP activations) lives in shared memory when it fits, else in a
 // global float workspace of one slot per block.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -28,37 +24,24 @@
 #include <tuple>
 #include <vector>
 
-#include "../checks.h"
-
-// float32, float16 and bfloat16 only (float64 is rejected before dispatch).
-#define TNT_DISPATCH_CUDA_TYPES(TYPE, NAME, ...)                  \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+#include "tntkernels/cuda_utils.h"
+#include "tntkernels/dispatch.h"
+#include "tntkernels/limits.h"
+#include "tntkernels/nested_attention.h"
 
 namespace tntkernels {
-
-// Defined in csrc/cpu/nested_attention.cpp.
-void check_nested_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                   const c10::optional<at::Tensor>& prev, at::TensorList head_mlp,
-                                   const c10::optional<at::Tensor>& noise);
-void check_nested_attention_backward_inputs(const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_logits,
-                                            const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                            const c10::optional<at::Tensor>& prev, at::TensorList head_mlp,
-                                            const at::Tensor& out, const at::Tensor& logits, const at::Tensor& lse);
-
 namespace {
 
+using limits::nested_attention_cuda::kMaxHeadDim;
+using limits::nested_attention_cuda::kMaxHeads;
+using limits::nested_attention_cuda::kMaxTokens;
+
 constexpr int kThreads = 256;
-constexpr int kMaxT = 64;
-constexpr int kMaxH = 16;
-constexpr int kMaxF = 4 * kMaxH;
-constexpr int kMaxD = 64;
+constexpr int64_t kMaxMlpWidth = 4 * kMaxHeads;  // F = 4H hidden units of the head-MLP
 constexpr float kSlope = 0.2f;
 constexpr int64_t kSmemLimit = 96 * 1024;           // bytes of dynamic shared memory we ask for at most
 constexpr int64_t kWorkspaceLimit = 256LL << 20;    // bytes of global slot workspace at most
 constexpr int64_t kMaxBlocksMlpBwd = 8192;          // rows of the weight-gradient partial buffer
-constexpr int64_t kMaxBlocks = 1 << 20;
 
 __device__ __forceinline__ float leaky(float x) { return x > 0.f ? x : x * kSlope; }
 
@@ -73,7 +56,7 @@ __device__ __forceinline__ float dot_rows(const scalar_t* __restrict__ a, const 
 template <typename scalar_t>
 __device__ __forceinline__ void scores_at(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
                                           const scalar_t* __restrict__ prev, int64_t b, int H, int T, int d, int i,
-                                          int j, float scale, float (&s)[kMaxH]) {
+                                          int j, float scale, float (&s)[kMaxHeads]) {
   const int64_t TT = static_cast<int64_t>(T) * T;
   for (int h = 0; h < H; ++h) {
     const int64_t bh = b * H + h;
@@ -84,8 +67,9 @@ __device__ __forceinline__ void scores_at(const scalar_t* __restrict__ q, const 
 }
 
 // Hidden activations of the head-MLP at one position: u = S (−inf → 0), a1, a2.
-__device__ __forceinline__ void mlp_hidden(const float* __restrict__ W, int H, const float (&s)[kMaxH],
-                                           float (&u)[kMaxH], float (&a1)[kMaxF], float (&a2)[kMaxF]) {
+__device__ __forceinline__ void mlp_hidden(const float* __restrict__ W, int H, const float (&s)[kMaxHeads],
+                                           float (&u)[kMaxHeads], float (&a1)[kMaxMlpWidth],
+                                           float (&a2)[kMaxMlpWidth]) {
   const int F = 4 * H;
   const float *w1 = W, *b1 = w1 + F * H, *w2 = b1 + F, *b2 = w2 + F * F;
   for (int h = 0; h < H; ++h) u[h] = s[h] == -INFINITY ? 0.f : s[h];
@@ -118,14 +102,14 @@ __global__ void __launch_bounds__(kThreads) nested_fwd_kernel(
   const float* w3 = W + F * H + F + F * F + F;
   const float* b3 = w3 + H * F;
   __syncthreads();
-  for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
+  TNT_BLOCK_STRIDE_LOOP(b, B) {
     // Positions: Z[h, i, j] over every head.
     for (int pos = tid; pos < TT; pos += blockDim.x) {
       const int i = pos / T, j = pos % T;
-      float s[kMaxH];
+      float s[kMaxHeads];
       scores_at(q, k, prev, b, H, T, d, i, j, scale, s);
       if (P > 0) {
-        float u[kMaxH], a1[kMaxF], a2[kMaxF];
+        float u[kMaxHeads], a1[kMaxMlpWidth], a2[kMaxMlpWidth];
         mlp_hidden(W, H, s, u, a1, a2);
         for (int h = 0; h < H; ++h) {
           float y = b3[h];
@@ -194,7 +178,7 @@ __global__ void __launch_bounds__(kThreads) nested_bwd_kernel(
   const float *w1 = W, *w2 = W + F * H + F, *w3 = w2 + F * F + F;
   float* part = partial != nullptr ? partial + static_cast<int64_t>(blockIdx.x) * P : nullptr;
   __syncthreads();
-  for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
+  TNT_BLOCK_STRIDE_LOOP(b, B) {
     // Rows (h, i): dZ.
     for (int r = tid; r < H * T; r += blockDim.x) {
       const int h = r / T, i = r % T;
@@ -221,7 +205,7 @@ __global__ void __launch_bounds__(kThreads) nested_bwd_kernel(
     for (int r = tid; r < H * T; r += blockDim.x) {
       const int h = r / T, j = r % T;
       const int64_t bh = b * H + h;
-      float acc[kMaxD];
+      float acc[kMaxHeadDim];
       for (int c = 0; c < dv; ++c) acc[c] = 0.f;
       for (int i = 0; i < T; ++i) {
         const float p = expf(static_cast<float>(logits[bh * TT + static_cast<int64_t>(i) * T + j]) - lse[bh * T + i]);
@@ -235,7 +219,8 @@ __global__ void __launch_bounds__(kThreads) nested_bwd_kernel(
       // Positions: back through the head-MLP.
       for (int pos = tid; pos < TT; pos += blockDim.x) {
         const int i = pos / T, j = pos % T;
-        float s[kMaxH], u[kMaxH], a1[kMaxF], a2[kMaxF], g1[kMaxF], g2[kMaxF];
+        float s[kMaxHeads], u[kMaxHeads];
+        float a1[kMaxMlpWidth], a2[kMaxMlpWidth], g1[kMaxMlpWidth], g2[kMaxMlpWidth];
         scores_at(q, k, prev, b, H, T, d, i, j, scale, s);
         mlp_hidden(W, H, s, u, a1, a2);
         for (int h = 0; h < H; ++h) {
@@ -312,9 +297,9 @@ void check_cuda_range(const at::Tensor& q, const at::Tensor& v) {
   TORCH_CHECK(q.scalar_type() != at::kDouble,
               "nested_attention (CUDA): supports float32, float16 and bfloat16, got float64");
   const int64_t H = q.size(1), T = q.size(2), d = q.size(3), dv = v.size(3);
-  TORCH_CHECK(T <= kMaxT && H <= kMaxH && d <= kMaxD && dv <= kMaxD,
-              "nested_attention (CUDA): supports T <= ", kMaxT, " tokens, H <= ", kMaxH, " heads and head dims d, dv <= ",
-              kMaxD, "; got T=", T, ", H=", H, ", d=", d, ", dv=", dv);
+  TORCH_CHECK(T <= kMaxTokens && H <= kMaxHeads && d <= kMaxHeadDim && dv <= kMaxHeadDim,
+              "nested_attention (CUDA): supports T <= ", kMaxTokens, " tokens, H <= ", kMaxHeads,
+              " heads and head dims d, dv <= ", kMaxHeadDim, "; got T=", T, ", H=", H, ", d=", d, ", dv=", dv);
 }
 
 at::Tensor flat_weights(at::TensorList head_mlp, const at::Tensor& q) {
@@ -329,7 +314,7 @@ struct Launch {
   bool smem_slot;
   int64_t smem_bytes;
 };
-Launch plan(int64_t B, int64_t P, int64_t slot_floats, int64_t max_blocks) {
+Launch plan(int64_t B, int64_t P, int64_t slot_floats, int64_t max_blocks = cuda::kMaxGridBlocks) {
   Launch l;
   const int64_t with_slot = (P + slot_floats) * static_cast<int64_t>(sizeof(float));
   l.smem_slot = with_slot <= kSmemLimit;
@@ -337,7 +322,7 @@ Launch plan(int64_t B, int64_t P, int64_t slot_floats, int64_t max_blocks) {
   int64_t cap = max_blocks;
   if (!l.smem_slot)
     cap = std::min(cap, std::max<int64_t>(1, kWorkspaceLimit / (slot_floats * static_cast<int64_t>(sizeof(float)))));
-  l.grid = std::max<int64_t>(1, std::min(B, cap));
+  l.grid = cuda::capped_grid(B, 1, cap);
   return l;
 }
 
@@ -346,7 +331,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nested_attention_cuda(
     at::TensorList head_mlp, const c10::optional<at::Tensor>& noise_in, double scale) {
   check_nested_attention_inputs(q_in, k_in, v_in, prev_in, head_mlp, noise_in);
   check_cuda_range(q_in, v_in);
-  const c10::cuda::CUDAGuard guard(q_in.device());
+  const cuda::DeviceScope scope(q_in);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const at::Tensor prev = prev_in.has_value() ? prev_in->contiguous() : at::Tensor();
   const at::Tensor noise = noise_in.has_value() ? noise_in->contiguous() : at::Tensor();
@@ -358,23 +343,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nested_attention_cuda(
   if (B * H * T == 0) return {out, logits, lse};
   const at::Tensor W = mlp ? flat_weights(head_mlp, q) : at::empty({0}, q.options().dtype(at::kFloat));
   const int64_t P = W.numel();
-  const Launch l = plan(B, P, H * T * T, kMaxBlocks);
+  const Launch l = plan(B, P, H * T * T);
   at::Tensor ws = l.smem_slot ? at::empty({0}, q.options().dtype(at::kFloat))
                               : at::empty({l.grid * H * T * T}, q.options().dtype(at::kFloat));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   TNT_DISPATCH_CUDA_TYPES(q.scalar_type(), "nested_attention_cuda", [&] {
-    auto kernel = nested_fwd_kernel<scalar_t>;
-    if (l.smem_bytes > 48 * 1024)
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(l.smem_bytes)));
-    kernel<<<static_cast<unsigned>(l.grid), kThreads, l.smem_bytes, stream>>>(
-        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-        prev.defined() ? prev.data_ptr<scalar_t>() : nullptr, W.data_ptr<float>(),
-        noise.defined() ? noise.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
-        logits.data_ptr<scalar_t>(), lse.data_ptr<float>(), l.smem_slot ? nullptr : ws.data_ptr<float>(),
-        l.smem_slot, B, static_cast<int>(H), static_cast<int>(T), static_cast<int>(d), static_cast<int>(dv),
-        static_cast<int>(P), static_cast<float>(scale));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const auto kernel = nested_fwd_kernel<scalar_t>;
+    cuda::allow_dynamic_smem(kernel, l.smem_bytes);
+    cuda::launch(kernel, static_cast<unsigned>(l.grid), kThreads, l.smem_bytes, scope.stream(),
+                 q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                 prev.defined() ? prev.data_ptr<scalar_t>() : nullptr, W.data_ptr<float>(),
+                 noise.defined() ? noise.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
+                 logits.data_ptr<scalar_t>(), lse.data_ptr<float>(),
+                 l.smem_slot ? nullptr : ws.data_ptr<float>(), l.smem_slot, B, static_cast<int>(H),
+                 static_cast<int>(T), static_cast<int>(d), static_cast<int>(dv), static_cast<int>(P),
+                 static_cast<float>(scale));
   });
   return {out, logits, lse};
 }
@@ -386,7 +368,7 @@ std::vector<at::Tensor> nested_attention_backward_cuda(
   check_nested_attention_backward_inputs(grad_out_in, grad_logits_in, q_in, k_in, v_in, prev_in, head_mlp, out_in,
                                          logits_in, lse_in);
   check_cuda_range(q_in, v_in);
-  const c10::cuda::CUDAGuard guard(q_in.device());
+  const cuda::DeviceScope scope(q_in);
   const at::Tensor g = grad_out_in.contiguous(), q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(),
                    logits = logits_in.contiguous(), lse = lse_in.contiguous();
   const at::Tensor gz = grad_logits_in.has_value() ? grad_logits_in->contiguous() : at::Tensor();
@@ -399,35 +381,29 @@ std::vector<at::Tensor> nested_attention_backward_cuda(
   const at::Tensor W = mlp ? flat_weights(head_mlp, q) : at::empty({0}, q.options().dtype(at::kFloat));
   const int64_t P = W.numel(), TT = T * T;
   const int64_t slot = mlp ? (3 * H + 4 * 4 * H) * TT : H * TT;
-  const Launch l = plan(B, P, slot, mlp ? kMaxBlocksMlpBwd : kMaxBlocks);
+  const Launch l = plan(B, P, slot, mlp ? kMaxBlocksMlpBwd : cuda::kMaxGridBlocks);
   at::Tensor partial = at::zeros({mlp ? l.grid : 0, P}, q.options().dtype(at::kFloat));
   if (B * H * T > 0) {
     at::Tensor ws = l.smem_slot ? at::empty({0}, q.options().dtype(at::kFloat))
                                 : at::empty({l.grid * slot}, q.options().dtype(at::kFloat));
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     TNT_DISPATCH_CUDA_TYPES(q.scalar_type(), "nested_attention_backward_cuda", [&] {
-      auto kernel = nested_bwd_kernel<scalar_t>;
-      if (l.smem_bytes > 48 * 1024)
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(l.smem_bytes)));
-      kernel<<<static_cast<unsigned>(l.grid), kThreads, l.smem_bytes, stream>>>(
-          g.data_ptr<scalar_t>(), gz.defined() ? gz.data_ptr<scalar_t>() : nullptr, q.data_ptr<scalar_t>(),
-          k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), prev.defined() ? prev.data_ptr<scalar_t>() : nullptr,
-          W.data_ptr<float>(), logits.data_ptr<scalar_t>(), lse.data_ptr<float>(), dq.data_ptr<scalar_t>(),
-          dk.data_ptr<scalar_t>(), dvt.data_ptr<scalar_t>(), prev.defined() ? dprev.data_ptr<scalar_t>() : nullptr,
-          mlp ? partial.data_ptr<float>() : nullptr, l.smem_slot ? nullptr : ws.data_ptr<float>(), l.smem_slot, slot,
-          B, static_cast<int>(H), static_cast<int>(T), static_cast<int>(d), static_cast<int>(dv),
-          static_cast<int>(P), static_cast<float>(scale));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const auto kernel = nested_bwd_kernel<scalar_t>;
+      cuda::allow_dynamic_smem(kernel, l.smem_bytes);
+      cuda::launch(kernel, static_cast<unsigned>(l.grid), kThreads, l.smem_bytes, scope.stream(),
+                   g.data_ptr<scalar_t>(), gz.defined() ? gz.data_ptr<scalar_t>() : nullptr, q.data_ptr<scalar_t>(),
+                   k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                   prev.defined() ? prev.data_ptr<scalar_t>() : nullptr, W.data_ptr<float>(),
+                   logits.data_ptr<scalar_t>(), lse.data_ptr<float>(), dq.data_ptr<scalar_t>(),
+                   dk.data_ptr<scalar_t>(), dvt.data_ptr<scalar_t>(),
+                   prev.defined() ? dprev.data_ptr<scalar_t>() : nullptr, mlp ? partial.data_ptr<float>() : nullptr,
+                   l.smem_slot ? nullptr : ws.data_ptr<float>(), l.smem_slot, slot, B, static_cast<int>(H),
+                   static_cast<int>(T), static_cast<int>(d), static_cast<int>(dv), static_cast<int>(P),
+                   static_cast<float>(scale));
     });
   }
   if (mlp) {
     const at::Tensor total = at::sum(partial, 0);  // deterministic reduction over the block rows
-    int64_t off = 0;
-    for (const auto& w : head_mlp) {
-      result.push_back(total.narrow(0, off, w.numel()).view(w.sizes()).to(q.scalar_type()).clone());
-      off += w.numel();
-    }
+    append_head_mlp_grads(result, total, head_mlp, q.scalar_type());
   }
   return result;
 }

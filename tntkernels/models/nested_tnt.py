@@ -25,7 +25,7 @@ class NestedTNT(TNT):
         logit_noise: CODA's N(0, 1) logit noise in training.
     Shapes: as `TNT`.
     Raises: as `TNT`; ValueError if neither level is nested.
-    Source: Nested-TNT (arXiv 2404.13434); CODA (Zheng et al. 2021), Eq. 6-8; spec tnt-family.md §3.
+    Source: Nested-TNT (arXiv 2404.13434); CODA (Zheng et al. 2021), Eq. 6-8; docs/tnt-family.md §3.
     """
 
     def __init__(self, *args, nest_inner: bool = True, nest_outer: bool = True, head_mlp: bool = True,

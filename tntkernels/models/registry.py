@@ -20,11 +20,11 @@ MODEL_CONFIGS: dict[str, tuple[type[nn.Module], dict]] = {
     # small-image TNTs: 16 sentences of 4×4 words
     "tnt_t_patch8_32": (TNT, dict(img_size=32, patch_size=8, **_SMALL_TNT)),
     "tnt_t_patch7_28": (TNT, dict(img_size=28, patch_size=7, **_SMALL_TNT)),
-    # Nested-TNT (spec §3): TNT-S / small-image TNT with both levels nested, CODA form
+    # Nested-TNT (docs/tnt-family.md §3): TNT-S / small-image TNT with both levels nested, CODA form
     "nested_tnt_s_patch16_224": (NestedTNT, dict(img_size=224, patch_size=16, embed_dim=384, inner_dim=24, depth=12,
                                                  num_heads_inner=4, num_heads_outer=6, first_stride=4)),
     "nested_tnt_t_patch8_32": (NestedTNT, dict(img_size=32, patch_size=8, **_SMALL_TNT)),
-    # RTNT (spec §2): 32×32 grey, sentences 8 px, words 4 px, letters 2 px
+    # RTNT (docs/tnt-family.md §2): 32×32 grey, sentences 8 px, words 4 px, letters 2 px
     "rtnt_n_patch8_32": (RTNT, dict(img_size=32, patch_size=8, word_size=4, letter_size=2, in_chans=1,
                                     num_classes=10, depth=12, sentence_dim=96, word_dim=24, letter_dim=6,
                                     num_heads_sentence=3, num_heads_word=2, num_heads_letter=1)),

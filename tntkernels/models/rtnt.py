@@ -12,7 +12,7 @@ from .tnt import GLOBAL_POOLS, ClassifierHead, check_image, drop_path_rates, ini
 class TokenMerge(nn.Module):
     """Summarize k lower-level tokens into one upper-level token: LN(k·c) → Linear(k·c → d, no bias) → LN(d).
 
-    The same projection TNT uses from words to sentences (Han et al. 2021, Eq. 5).
+    The same projection TNT uses from words to sentences (Han et al. 2021, Eq. 8).
 
     Args:
         num_tokens: k lower-level tokens per upper-level token.  dim: their width c.  dim_out: d.
@@ -74,7 +74,7 @@ class RTNTBlock(nn.Module):
     Shapes:
         forward(letters (B·N·M, L, c_l) or None, words (B·N, M, c_w), sentences (B, N + 1, d)) →
             the same three, updated. The class token (sentence 0) gets no word contribution.
-    Source: spec §2 (RTNT, github.com/Marawan29/RTNT); Han et al. 2021 (TNT), Eq. 4-7.
+    Source: docs/tnt-family.md §2 (RTNT, github.com/Marawan29/RTNT); Han et al. 2021 (TNT), Eq. 6-10.
     """
 
     def __init__(self, letter_dim: int, word_dim: int, sentence_dim: int, letters_per_word: int,
@@ -153,7 +153,7 @@ class RTNT(ClassifierHead, nn.Module):
     Raises:
         ValueError: sizes that do not nest; global_pool unknown; input not (B, C, H, W) with the
             configured (C, H, W).
-    Source: spec §2 (RTNT, github.com/Marawan29/RTNT); Han et al. 2021 (TNT, arXiv 2103.00112).
+    Source: docs/tnt-family.md §2 (RTNT, github.com/Marawan29/RTNT); Han et al. 2021 (TNT, arXiv 2103.00112).
     """
 
     def __init__(self, img_size: int = 32, patch_size: int = 8, word_size: int = 4, letter_size: int = 2,

@@ -27,17 +27,18 @@ class Attention(nn.Module):
         ValueError: dim, hidden_dim or num_heads not a positive int; dim or hidden_dim not divisible
             by num_heads; an unknown backend; x not (B, N, dim).
         TypeError: x not a tensor.
-    Source: Han et al. 2021 (TNT), Eq. 2-3.
+    Source: Han et al. 2021 (TNT), Eq. 1 (docs/tnt-family.md §1).
     """
 
     def __init__(self, dim: int, hidden_dim: int, num_heads: int = 8, qkv_bias: bool = False,
                  attn_drop: float = 0., proj_drop: float = 0., device=None, dtype=None, backend: str | None = None):
         dd = {"device": device, "dtype": dtype}
         super().__init__()
-        check_positive_int("Attention", dim=dim, hidden_dim=hidden_dim, num_heads=num_heads)
-        check_backend("Attention", backend)
+        name = type(self).__name__
+        check_positive_int(name, dim=dim, hidden_dim=hidden_dim, num_heads=num_heads)
+        check_backend(name, backend)
         if hidden_dim % num_heads or dim % num_heads:
-            raise ValueError(f"Attention: dim={dim} and hidden_dim={hidden_dim} must be divisible by "
+            raise ValueError(f"{name}: dim={dim} and hidden_dim={hidden_dim} must be divisible by "
                              f"num_heads={num_heads}")
         self.hidden_dim = hidden_dim
         self.num_heads = num_heads
@@ -46,18 +47,32 @@ class Attention(nn.Module):
         self.backend = backend
         self.qk = nn.Linear(dim, hidden_dim * 2, bias=qkv_bias, **dd)
         self.v = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        self._init_logit_modules(dd)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_is_tensor("Attention", x=x)
+    def _init_logit_modules(self, dd: dict) -> None:
+        """Modules acting on the logits, built between `v` and `proj` (subclasses; none here)."""
+
+    def _heads(self, x: torch.Tensor, what: str = "x") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Checks x (B, N, C) and projects it: q, k (B, H, N, head_dim), v (B, H, N, C/H), views."""
+        check_is_tensor(type(self).__name__, **{what: x})
         if x.dim() != 3 or x.shape[-1] != self.v.in_features:
-            raise ValueError(f"Attention: x must be (B, N, {self.v.in_features}), got {tuple(x.shape)}")
+            raise ValueError(f"{type(self).__name__}: x must be (B, N, {self.v.in_features}), got {tuple(x.shape)}")
         B, N, C = x.shape
-        qk = self.qk(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (2, B, H, N, hd)
-        q, k = qk.unbind(0)  # (B, H, N, hd)
-        v = self.v(x).reshape(B, N, self.num_heads, self.v.out_features // self.num_heads).permute(0, 2, 1, 3)  # (B, H, N, C/H)
+        H = self.num_heads
+        q, k = self.qk(x).reshape(B, N, 2, H, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, hd)
+        v = self.v(x).reshape(B, N, H, self.v.out_features // H).permute(0, 2, 1, 3)  # (B, H, N, C/H)
+        return q, k, v
+
+    def _merge_heads(self, out: torch.Tensor) -> torch.Tensor:
+        """(B, H, N, C/H) → proj → (B, N, C)."""
+        B, H, N, dv = out.shape
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, H * dv)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._heads(x)
         if self.training and self.attn_drop.p > 0:
             attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)  # (B, H, N, N)
             out = self.attn_drop(attn) @ v
@@ -65,5 +80,4 @@ class Attention(nn.Module):
             out = inner_attention_ref(q, k, v, self.scale)
         else:
             out = inner_attention(q, k, v, scale=self.scale, backend=self.backend)  # (B, H, N, C/H)
-        x = out.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
-        return self.proj_drop(self.proj(x))
+        return self._merge_heads(out)

@@ -38,7 +38,8 @@ def fused_inner_sublayer(x: torch.Tensor, norm1: nn.Module, attn: nn.Module, nor
     off (p = 0 or eval), and DropPath is ours or Identity. Under autocast the parameters and GEMMs
     use the autocast dtype and the residual stream keeps x's dtype, as autocast itself would.
     """
-    if x.dim() != 3 or not isinstance(attn, Attention) or not isinstance(drop_path, (DropPath, nn.Identity)):
+    # exactly our Attention: a subclass (NestedAttention) also returns its logits, which the kernel has not
+    if x.dim() != 3 or type(attn) is not Attention or not isinstance(drop_path, (DropPath, nn.Identity)):
         return None
     S, m, C = x.shape
     if attn.hidden_dim != C or attn.scale != attn.head_dim ** -0.5 or attn.qk.in_features != C:
@@ -95,7 +96,7 @@ class TNTBlock(nn.Module):
     Raises:
         ValueError: dim, dim_out or num_pixel not a positive int (or the attentions' checks);
             forward inputs not of those shapes. TypeError: a forward input not a tensor.
-    Source: Han et al. 2021 (TNT), Eq. 4-7; timm `tnt.py` (names, layouts).
+    Source: Han et al. 2021 (TNT), Eq. 6-10; timm `tnt.py` (names, layouts).
     """
 
     def __init__(self, dim: int, dim_out: int, num_pixel: int, num_heads_in: int = 4, num_heads_out: int = 12,

@@ -1,4 +1,4 @@
-"""TinT's H_sim-split linear layer as a drop-in module (shared/specs/tint.md §1)."""
+"""TinT's H_sim-split linear layer as a drop-in module (docs/tint.md §1)."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ..ops.hsim_split import hsim_split_linear
+from ..ops.hsim_split_linear import hsim_split_linear
 from ._checks import check_backend, check_is_tensor, is_positive_int
 
 _PARTS = ("mix+block", "mix", "block")
@@ -14,7 +14,7 @@ _PARTS = ("mix+block", "mix", "block")
 
 class HsimSplitLinear(nn.Module):
     """y = Block(Mix(x)) on x (..., dim), dim = num_heads · head_dim: TinT's structured stand-in for
-    a dim × dim nn.Linear, with d²H + dH (mix) + d²H + dH (block) = D²/H + D·H (+ 2D) weights.
+    a dim × dim nn.Linear, with dH² + dH (mix) + d²H + dH (block) = D²/H + D·H (+ 2D) weights.
 
         mix:    z[n, g, k] = Σ_h x[n, h, k] · mix_weight[k, h, g] + mix_bias[k, g]
         block:  y[n, g, :] = z[n, g, :] @ block_weight[g] + block_bias[g]

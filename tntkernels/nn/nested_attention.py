@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 
 from ..ops.nested_attention import nested_attention, nested_attention_ref
-from ._checks import check_backend, check_is_tensor, check_positive_int
+from ._checks import check_is_tensor, check_positive_int
+from .attention import Attention
 
 
 class HeadMlp(nn.Module):
@@ -35,7 +36,7 @@ class HeadMlp(nn.Module):
         return (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.fc3.weight, self.fc3.bias)
 
 
-class NestedAttention(nn.Module):
+class NestedAttention(Attention):
     """TNT attention whose pre-softmax logits are passed to the next layer and added there.
 
     Args:
@@ -61,39 +62,22 @@ class NestedAttention(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, num_heads: int = 8, qkv_bias: bool = False,
                  head_mlp: bool = True, noise: bool = True, attn_drop: float = 0., proj_drop: float = 0.,
                  device=None, dtype=None, backend: str | None = None):
-        dd = {"device": device, "dtype": dtype}
-        super().__init__()
-        check_positive_int("NestedAttention", dim=dim, hidden_dim=hidden_dim, num_heads=num_heads)
-        check_backend("NestedAttention", backend)
-        if hidden_dim % num_heads or dim % num_heads:
-            raise ValueError(f"NestedAttention: dim={dim} and hidden_dim={hidden_dim} must be divisible by "
-                             f"num_heads={num_heads}")
-        self.hidden_dim = hidden_dim
-        self.num_heads = num_heads
-        self.head_dim = hidden_dim // num_heads
-        self.scale = self.head_dim ** -0.5
+        self._with_head_mlp = head_mlp
+        super().__init__(dim, hidden_dim, num_heads, qkv_bias, attn_drop, proj_drop, device=device, dtype=dtype,
+                         backend=backend)
         self.noise = noise
-        self.backend = backend
-        self.qk = nn.Linear(dim, hidden_dim * 2, bias=qkv_bias, **dd)
-        self.v = nn.Linear(dim, dim, bias=qkv_bias, **dd)
-        self.head_mlp = HeadMlp(num_heads, **dd) if head_mlp else None
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim, **dd)
-        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _init_logit_modules(self, dd: dict) -> None:
+        self.head_mlp = HeadMlp(self.num_heads, **dd) if self._with_head_mlp else None
 
     def forward(self, x: torch.Tensor, prev_logits: torch.Tensor | None = None):
-        check_is_tensor("NestedAttention", x=x)
         if prev_logits is not None:
             check_is_tensor("NestedAttention", prev_logits=prev_logits)
-        if x.dim() != 3 or x.shape[-1] != self.v.in_features:
-            raise ValueError(f"NestedAttention: x must be (B, N, {self.v.in_features}), got {tuple(x.shape)}")
-        B, N, C = x.shape
-        H = self.num_heads
+        q, k, v = self._heads(x)
+        B, H, N, _ = q.shape
         if prev_logits is not None and tuple(prev_logits.shape) != (B, H, N, N):
             raise ValueError(f"NestedAttention: prev_logits must be (B, H, N, N) = {(B, H, N, N)}, "
                              f"got {tuple(prev_logits.shape)}")
-        q, k = self.qk(x).reshape(B, N, 2, H, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, hd)
-        v = self.v(x).reshape(B, N, H, self.v.out_features // H).permute(0, 2, 1, 3)  # (B, H, N, C/H)
         if prev_logits is not None:
             prev_logits = prev_logits.to(q.dtype)
         head_mlp = None
@@ -108,5 +92,4 @@ class NestedAttention(nn.Module):
         else:
             out, logits = nested_attention(q, k, v, prev_logits, head_mlp=head_mlp, noise=noise, scale=self.scale,
                                            backend=self.backend)
-        x = out.transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(x)), logits
+        return self._merge_heads(out), logits

@@ -1,69 +1,18 @@
-"""Nested-logit multi-head attention (Nested-TNT / CODA / RealFormer).
+"""Nested-logit multi-head attention (Nested-TNT / CODA / RealFormer): the public op.
 
-Each layer's pre-softmax logits are handed to the next layer and added there (spec:
-shared/specs/tnt-family.md §3). Per layer l, heads H, tokens T, A_l = (Q_l · scale) K_lᵀ:
-
-    layer 1:    Z_1 = A_1
-    layer l>1:  S_l = A_l + Z_{l-1};   Z_l = S_l + MLP_heads(S_l)   (CODA; RealFormer: Z_l = S_l)
-    training:   Z_l = Z_l + ε
-    out_l = softmax_keys(Z_l) V_l
-
-MLP_heads acts on the head axis at every (b, i, j): Linear(H, 4H) → LeakyReLU(0.2) →
-Linear(4H, 4H) → LeakyReLU(0.2) → Linear(4H, H). Positions where S_l is −inf stay −inf and enter
-the MLP as 0.
+Each layer's pre-softmax logits are handed to the next layer and added there; formulas in
+`reference/nested_attention.py` and docs/tnt-family.md §3. Kernels: `cpp/nested_attention.py` (C++
+CPU, CUDA C++) and `triton/nested_attention.py`; backend choice: `registry.py`.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .. import _backend
+from . import registry
 from ._checks import check_head_dim, check_same, check_scale, check_shape, check_tensor
+from .reference.nested_attention import LEAKY_SLOPE, head_mlp_ref, nested_attention_ref
 
-LEAKY_SLOPE = 0.2
-
-
-def head_mlp_ref(s: torch.Tensor, head_mlp) -> torch.Tensor:
-    """CODA's head-MLP on the head axis of s (B, H, T, T); −inf entries enter as 0.
-
-    head_mlp: (w1 (4H, H), b1 (4H), w2 (4H, 4H), b2 (4H), w3 (H, 4H), b3 (H)), nn.Linear convention.
-    Returns (B, H, T, T): MLP_heads(s), without the residual.
-    """
-    w1, b1, w2, b2, w3, b3 = head_mlp
-    x = s.masked_fill(torch.isneginf(s), 0.0).permute(0, 2, 3, 1)  # (B, T, T, H)
-    x = F.leaky_relu(F.linear(x, w1, b1), LEAKY_SLOPE)  # (B, T, T, 4H)
-    x = F.leaky_relu(F.linear(x, w2, b2), LEAKY_SLOPE)  # (B, T, T, 4H)
-    x = F.linear(x, w3, b3)  # (B, T, T, H)
-    return x.permute(0, 3, 1, 2)  # (B, H, T, T)
-
-
-def nested_attention_ref(q, k, v, prev_logits=None, head_mlp=None, noise=None, scale=None):
-    """Reference nested-logit attention in plain PyTorch.
-
-    Args:
-        q, k: (B, H, T, d); v: (B, H, T, dv). Any floating dtype, one device.
-        prev_logits: None (first layer: Z = A) or Z_{l-1}, (B, H, T, T).
-        head_mlp: None (RealFormer: Z = A + Z_{l-1}) or the six CODA head-MLP tensors
-            (w1 (4H, H), b1 (4H), w2 (4H, 4H), b2 (4H), w3 (H, 4H), b3 (H)); used only when
-            prev_logits is given (layer 1 has Z_1 = A_1).
-        noise: None or (B, H, T, T), added to Z (training-time ε ~ N(0, 1)).
-        scale: float, default d ** -0.5.
-    Returns:
-        (out (B, H, T, dv), logits Z (B, H, T, T)), dtype of q; Z is what the next layer receives.
-    Source: Zheng, Wu, Kong 2021 (CODA), Eq. 6-8; Liu, Qiu, Qin 2024 (Nested-TNT); He et al. 2021
-        (RealFormer).
-    """
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    z = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, T)
-    if prev_logits is not None:
-        z = z + prev_logits
-        if head_mlp is not None:
-            z = z + head_mlp_ref(z, head_mlp)
-    if noise is not None:
-        z = z + noise
-    out = z.softmax(dim=-1) @ v  # (B, H, T, dv)
-    return out, z
+__all__ = ["nested_attention", "nested_attention_ref", "head_mlp_ref", "check_inputs", "LEAKY_SLOPE"]
 
 
 def check_inputs(op: str, q, k, v, prev_logits, head_mlp, noise, scale):
@@ -107,33 +56,6 @@ def _check_head_mlp(op: str, head_mlp, H: int, q: torch.Tensor):
     return head_mlp
 
 
-def _check_cuda(op: str, q: torch.Tensor, v: torch.Tensor) -> None:
-    """The CUDA C++ kernels' limits, checked here so they raise ValueError like the Triton ones."""
-    B, H, T, d = q.shape
-    cpp = nested_attention_cpp
-    if q.dtype == torch.float64:
-        raise ValueError(f"{op}: the 'cuda' backend supports float32, float16 and bfloat16, got {q.dtype}")
-    if not (T <= cpp.CUDA_MAX_TOKENS and H <= cpp.CUDA_MAX_HEADS and max(d, v.shape[-1]) <= cpp.CUDA_MAX_HEAD_DIM):
-        raise ValueError(f"{op}: the 'cuda' backend supports T <= {cpp.CUDA_MAX_TOKENS}, H <= {cpp.CUDA_MAX_HEADS} "
-                         f"and d, dv <= {cpp.CUDA_MAX_HEAD_DIM}, got T={T}, H={H}, d={d}, dv={v.shape[-1]}")
-
-
-def _compiled(q, k, v, prev_logits, head_mlp, noise, scale):
-    return nested_attention_cpp.nested_attention_compiled(q, k, v, prev_logits, head_mlp, noise, scale)
-
-
-def _triton(q, k, v, prev_logits, head_mlp, noise, scale):
-    return nested_attention_triton.nested_attention_triton(q, k, v, prev_logits, head_mlp, noise, scale)
-
-
-_IMPLEMENTED = {"reference": nested_attention_ref, "cpu": _compiled, "cuda": _compiled, "triton": _triton}
-# backend=None stays on the reference: on CPU the C++ op is not faster than PyTorch's batched GEMMs
-# yet (measured: TNT-S inner shape, fwd+bwd, 2 threads), and on CUDA the CUDA C++ and Triton kernels
-# have not yet passed their GPU tests on hardware (scripts/gpu_suite.sh); the benchmark then sets the
-# order. Until then they run only when asked for by name.
-_PREFERENCE: dict[str, tuple[str, ...]] = {"cpu": (), "cuda": ()}
-
-
 def nested_attention(q, k, v, prev_logits=None, *, head_mlp=None, noise=None, scale=None, backend=None):
     """Nested-logit multi-head attention; returns the output and the logits for the next layer.
 
@@ -144,9 +66,9 @@ def nested_attention(q, k, v, prev_logits=None, *, head_mlp=None, noise=None, sc
             b3 (H)) (CODA form, nn.Linear convention).
         noise: None or (B, H, T, T) added to the logits (training).
         scale: float, default d ** -0.5.
-        backend: None (the reference for now, see `_PREFERENCE`), "reference", "cpu" (C++ op), "cuda"
-            (CUDA C++: T <= 64, H <= 16, d, dv <= 64) or "triton" (T <= 1024, H <= 16, d, dv <= 64;
-            float32 / float16 / bfloat16).
+        backend: None (the reference for now: see `registry.OPS`), "reference", "cpu" (C++ op),
+            "cuda" (CUDA C++: T <= 64, H <= 16, d, dv <= 64) or "triton" (T <= 1024, H <= 16,
+            d, dv <= 64; float32 / float16 / bfloat16).
     Returns:
         (out (B, H, T, dv), logits (B, H, T, T)), q's dtype; differentiable in every tensor input.
     Raises:
@@ -158,11 +80,6 @@ def nested_attention(q, k, v, prev_logits=None, *, head_mlp=None, noise=None, sc
     """
     op = "nested_attention"
     head_mlp, scale = check_inputs(op, q, k, v, prev_logits, head_mlp, noise, scale)
-    name = _backend.resolve(op, backend, q.device, _IMPLEMENTED, _PREFERENCE)
-    if name == "cuda":
-        _check_cuda(op, q, v)
-    return _IMPLEMENTED[name](q, k, v, prev_logits, head_mlp, noise, scale)
-
-
-# The kernels' modules import this one (reference, checks): import them last, to register their ops.
-from . import nested_attention_cpp, nested_attention_triton  # noqa: E402
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return registry.call(op, backend, q.device, (q, v), q, k, v, prev_logits, head_mlp, noise, scale)

@@ -1,7 +1,7 @@
 """TinT (Trainable Transformer in Transformer, arXiv 2307.01189): the simulated auxiliary linear
 layer — Linear Forward / Backward / Descent run inside TinT's prefix embeddings with H_sim-split
 linear maps (``tntkernels.hsim_split_linear``). See ``tntkernels.tint.linear`` and
-shared/specs/tint.md §2; a worked example on MiniLM-L6 weights is ``python -m
+docs/tint.md §2; a worked example on MiniLM-L6 weights is ``python -m
 tntkernels.tint.minilm_example``.
 """
 from .linear import (

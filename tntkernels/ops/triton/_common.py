@@ -1,0 +1,90 @@
+"""What the Triton kernels of every family share: supported dtypes, block-size helpers, the device
+guard of a launch, and the @triton.jit helpers (IEEE dot, tile loads, LayerNorm, GELU, LeakyReLU).
+
+The jit helpers are defined only when triton is installed; block-size helpers and limits are plain
+Python so that the registry can read them without triton.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ... import _backend
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what every Triton kernel of the package takes
+
+
+def next_pow2(n: int, low: int = 16) -> int:
+    """The smallest power of two >= max(n, low); `low` 16 because tl.dot needs dimensions >= 16."""
+    return max(low, 1 << (max(n, 1) - 1).bit_length())
+
+
+def device_guard(t: torch.Tensor):
+    """Launch under t's device, so kernels on a second GPU run there (a no-op for CPU tensors)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def check_fits(op: str, why: str | None) -> None:
+    """Raise the range error of an explicitly called launcher: `why` is its family's `unsupported`."""
+    if why is not None:
+        raise ValueError(f"{op}: the 'triton' backend does not support {why}")
+
+
+if _backend.triton_importable():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def dot_ieee(a, b):
+        """tl.dot in IEEE precision (no TF32 for fp32 inputs), fp32 accumulation."""
+        return tl.dot(a, b, input_precision="ieee")
+
+    @triton.jit
+    def load_mat(ptr, offs_rows, offs_cols, n_rows, n_cols, stride_row, dt):
+        """Masked (rows, cols) tile of a row-major matrix, cast to dt; 0 outside (n_rows, n_cols)."""
+        mask = (offs_rows[:, None] < n_rows) & (offs_cols[None, :] < n_cols)
+        return tl.load(ptr + offs_rows[:, None] * stride_row + offs_cols[None, :], mask=mask, other=0.0).to(dt)
+
+    @triton.jit
+    def load_tile(ptr, s, h, stride_s, stride_h, stride_r, stride_c, offs_r, offs_c, mask):
+        """The (rows, cols) tile ptr[s, h, offs_r, offs_c] of a 4-D strided tensor; 0 where masked."""
+        return tl.load(ptr + s * stride_s + h * stride_h + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c,
+                       mask=mask, other=0.0)
+
+    @triton.jit
+    def load_vec(ptr, offs, n):
+        """Masked vector in fp32; 0 at offs >= n."""
+        return tl.load(ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def layer_norm(x, w, b, c_ok, C, eps):
+        """Row LayerNorm of an fp32 (rows, BLOCK_C) tile whose padded columns are 0.
+        Returns (xhat, rstd, xhat·w + b); padded columns of xhat stay 0."""
+        mean = tl.sum(x, axis=1) / C
+        xc = tl.where(c_ok[None, :], x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
+        xhat = xc * rstd[:, None]
+        return xhat, rstd, xhat * w[None, :] + b[None, :]
+
+    @triton.jit
+    def layer_norm_bwd(dxn, xhat, rstd, w, c_ok, C):
+        """d input of `layer_norm` from d output dxn (fp32 tiles; padded columns 0)."""
+        dxhat = dxn * w[None, :]
+        c1 = tl.sum(dxhat * xhat, axis=1) / C
+        c2 = tl.sum(dxhat, axis=1) / C
+        return tl.where(c_ok[None, :], (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None], 0.0)
+
+    @triton.jit
+    def gelu(h):
+        """Exact (erf) GELU, as torch.nn.GELU()."""
+        return 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+
+    @triton.jit
+    def gelu_grad(h):
+        """d GELU(h) / dh."""
+        return 0.5 * (1.0 + tl.erf(h * 0.7071067811865476)) + h * 0.3989422804014327 * tl.exp(-0.5 * h * h)
+
+    @triton.jit
+    def leaky_relu(x, SLOPE: tl.constexpr):
+        return tl.where(x > 0, x, x * SLOPE)
