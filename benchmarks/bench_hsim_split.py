@@ -1,4 +1,4 @@
-"""TinT's H_sim-split linear op (tint.md §1): ours against the forms TinT and PyTorch users run.
+"""TinT's H_sim-split linear op (docs/tint.md §1): ours against the forms TinT and PyTorch users run.
 
     z[n, g, k] = Σ_h x[n, h, k] M[k, h, g] + m[k, g];     y[n, g, :] = z[n, g, :] @ A[g] + a[g]
     x (N, D), D = H·d; M (d, H, H), m (d, H); A (H, d, d), a (H, d)

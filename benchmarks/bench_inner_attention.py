@@ -1,6 +1,6 @@
 """Inner attention and the TNT inner sub-block: ours against what PyTorch users run today.
 
-Shapes (landscape.md §2): TNT-S (S = B·196 sentences, 4 heads, 16 words, head_dim 6) and TNT-B
+Shapes (docs/baselines.md §2): TNT-S (S = B·196 sentences, 4 heads, 16 words, head_dim 6) and TNT-B
 (head_dim 10) at B = 64 and 256; fp32 and bf16; forward, backward and forward+backward; median time
 (p20, p80) and peak memory; each of ours also as % of the memory roofline (bytes that must move,
 divided by the measured device-to-device copy bandwidth).

@@ -1,6 +1,6 @@
 """End to end: one full training step (forward, loss, backward, AdamW step) of TNT-family models.
 
-What PyTorch users run today against tntkernels (landscape.md §2, "End to end"):
+What PyTorch users run today against tntkernels (docs/baselines.md §2, "End to end"):
   tnt_s    TNT-S (timm tnt_s_patch16_224, 224², batch 64 and 128 on GPU):
            timm_eager                      timm.create_model("tnt_s_patch16_224")
            timm_compile                    torch.compile of it

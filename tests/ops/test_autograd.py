@@ -127,7 +127,7 @@ def test_triton_hsim_skips_the_weight_gradient_kernel_nobody_asked_for(monkeypat
             launched.append(grid)
             return self.kernel[grid]
 
-    monkeypatch.setattr(hs, "_block_wgrad_kernel", Recorder(hs._block_wgrad_kernel))
+    monkeypatch.setattr(hs, "_hsim_split_linear_wgrad_kernel", Recorder(hs._hsim_split_linear_wgrad_kernel))
     g = torch.Generator().manual_seed(2)
     x = torch.randn(5, 8, generator=g, requires_grad=True)
     M, m = torch.randn(4, 2, 2, generator=g), torch.randn(4, 2, generator=g)

@@ -8,17 +8,17 @@ On x (N, D), D = H·d, a row viewed as x[n, h, k]:
 Kernels (all take any strides for x, y and the weights, so transposed weight views serve the
 backward without copies):
 
-- `_block_kernel` (forward whenever the block part is present; also dz = dy · A[g]ᵀ): one program
+- `_hsim_split_linear_block_kernel` (forward whenever the block part is present; also dz = dy · A[g]ᵀ): one program
   per (row tile, head g), heads fastest on the grid so the H programs reading one row tile of x run
   together and share it through L2. The mix is formed in the prologue of the head's GEMM, one
   (BLOCK_N × BLOCK_K) chunk of z at a time (Σ over the H source heads, fp32), then multiplied on
   tensor cores with A[g][k-chunk, :]; both biases enter in the epilogue and y[n, g, :] is written
   once. fp32 accumulation; fp32 inputs use IEEE fp32 unless the caller allows TF32
   (torch.backends.cuda.matmul.allow_tf32).
-- `_mix_kernel` (the mix alone: the mix-only forward, and dx = Σ_g dz[n, g, k] M[k, h, g] in the
+- `_hsim_split_linear_mix_kernel` (the mix alone: the mix-only forward, and dx = Σ_g dz[n, g, k] M[k, h, g] in the
   backward with WGRAD, which also writes per-row-tile partials of dM[k, h, g] = Σ_n x[n, h, k] ·
   dz[n, g, k] and dm[k, g] = Σ_n dz[n, g, k]).
-- `_block_wgrad_kernel`: dA[g] = Σ_n z[n, g, :]ᵀ dy[n, g, :] and da[g] = Σ_n dy[n, g, :] as
+- `_hsim_split_linear_wgrad_kernel`: dA[g] = Σ_n z[n, g, :]ᵀ dy[n, g, :] and da[g] = Σ_n dy[n, g, :] as
   per-row-split partials (z recomputed from x by the mix).
 Partials are reduced with torch.sum afterwards: no atomics, bitwise deterministic for a given
 shape. Backward = dz (block part) → dA / da (block part) → dx, dM, dm (mix part): 2–3 launches,
@@ -54,7 +54,7 @@ BLOCK_K = 32  # contraction chunk of the block GEMM (>= 16 for 16-bit tl.dot)
 MIX_BLOCK_N = 64  # rows per mix tile
 MIX_BLOCK_K = 64  # coordinates per mix tile
 WGRAD_BLOCK_N = 32  # rows per step of the weight-gradient reduction
-_TUNE = ((32, 4), (64, 8))  # (BLOCK_N, num_warps) autotuned for _block_kernel on GPU
+_TUNE = ((32, 4), (64, 8))  # (BLOCK_N, num_warps) autotuned for _hsim_split_linear_block_kernel on GPU
 _INTERPRET_TUNE = (32, 4)
 _INTERPRET_SPLITS = 2  # row splits of the weight-gradient reduction under the interpreter
 
@@ -86,7 +86,7 @@ def triton_configs() -> dict[str, list[dict]]:
                                       BLOCK_N=WGRAD_BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_J=bj, PRECISION=precision))
         for wg in (0, 1):
             mix.append(dict(dtype=dtype, num_warps=4, WGRAD=wg, BLOCK_N=MIX_BLOCK_N, BLOCK_K=MIX_BLOCK_K))
-    return {"_block_kernel": block, "_mix_kernel": mix, "_block_wgrad_kernel": wgrad}
+    return {"_hsim_split_linear_block_kernel": block, "_hsim_split_linear_mix_kernel": mix, "_hsim_split_linear_wgrad_kernel": wgrad}
 
 
 def unsupported(x: torch.Tensor, H: int, d: int) -> str | None:
@@ -123,7 +123,7 @@ if _backend.triton_importable():
         return z
 
     @triton.jit
-    def _block_kernel(
+    def _hsim_split_linear_block_kernel(
         X, M, MB, A, AB, Y,
         sx_n, sm_k, sm_h, sm_g, smb_k, smb_g, sa_g, sa_k, sa_j, sab_g, sab_j, sy_n,
         N, D, H, d, has_mb, has_ab,
@@ -150,7 +150,7 @@ if _backend.triton_importable():
                  mask=(rows[:, None] < N) & j_ok[None, :])
 
     @triton.jit
-    def _mix_kernel(
+    def _hsim_split_linear_mix_kernel(
         X, M, MB, Y, X0, dMp, dmp,
         sx_n, sm_k, sm_h, sm_g, smb_k, smb_g, sy_n, sx0_n,
         N, H, d, has_mb,
@@ -191,7 +191,7 @@ if _backend.triton_importable():
                  mask=r_ok & k_ok[None, :])
 
     @triton.jit
-    def _block_wgrad_kernel(
+    def _hsim_split_linear_wgrad_kernel(
         X, M, MB, DY, dAp, dap,
         sx_n, sm_k, sm_h, sm_g, smb_k, smb_g, sdy_n,
         N, H, d, has_mb, rows_per_split,
@@ -226,9 +226,9 @@ if _backend.triton_importable():
         if kb == 0:
             tl.store(dap + base + js, acc_b, mask=j_ok)
 
-    _block_kernel_tuned = triton.autotune(
+    _hsim_split_linear_block_kernel_tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_N": bn}, num_warps=w) for bn, w in _TUNE],
-        key=["D", "H", "HAS_MIX", "BLOCK_J", "PRECISION"])(_block_kernel)
+        key=["D", "H", "HAS_MIX", "BLOCK_J", "PRECISION"])(_hsim_split_linear_block_kernel)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -249,7 +249,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _launch_block(x2, M, m, A, a, y2, H, d, precision):
-    """y2 = Block(Mix(x2)) (Mix skipped when M is None) with _block_kernel."""
+    """y2 = Block(Mix(x2)) (Mix skipped when M is None) with _hsim_split_linear_block_kernel."""
     N, D = x2.shape
     Mt, sm = _w(M, x2, 3)
     mt, smb = _w(m, x2, 2)
@@ -259,13 +259,13 @@ def _launch_block(x2, M, m, A, a, y2, H, d, precision):
     meta = dict(HAS_MIX=int(M is not None), BLOCK_K=BLOCK_K, BLOCK_J=block_j(d), PRECISION=precision)
     if _backend.triton_interpret():
         bn, warps = _INTERPRET_TUNE
-        _block_kernel[(triton.cdiv(N, bn) * H,)](*args, BLOCK_N=bn, num_warps=warps, **meta)
+        _hsim_split_linear_block_kernel[(triton.cdiv(N, bn) * H,)](*args, BLOCK_N=bn, num_warps=warps, **meta)
     else:
-        _block_kernel_tuned[lambda opt: (triton.cdiv(N, opt["BLOCK_N"]) * H,)](*args, **meta)
+        _hsim_split_linear_block_kernel_tuned[lambda opt: (triton.cdiv(N, opt["BLOCK_N"]) * H,)](*args, **meta)
 
 
 def _launch_mix(x2, M, m, y2, H, d, dz_partner=None):
-    """y2 = Mix(x2) with _mix_kernel; with dz_partner (the backward: x2 = dz, M = Mᵀ view) also
+    """y2 = Mix(x2) with _hsim_split_linear_mix_kernel; with dz_partner (the backward: x2 = dz, M = Mᵀ view) also
     returns the per-tile partials (dMp (tiles, d, H, H), dmp (tiles, d, H)) in fp32."""
     N = x2.shape[0]
     tiles = triton.cdiv(N, MIX_BLOCK_N)
@@ -278,7 +278,7 @@ def _launch_mix(x2, M, m, y2, H, d, dz_partner=None):
     else:
         dMp = dmp = partner = x2
     grid = (tiles * H * triton.cdiv(d, MIX_BLOCK_K),)
-    _mix_kernel[grid](x2, M, mt, y2, partner, dMp, dmp, x2.stride(0), *M.stride(), *smb, y2.stride(0),
+    _hsim_split_linear_mix_kernel[grid](x2, M, mt, y2, partner, dMp, dmp, x2.stride(0), *M.stride(), *smb, y2.stride(0),
                       partner.stride(0), N, H, d, int(m is not None), WGRAD=int(wgrad), BLOCK_N=MIX_BLOCK_N,
                       BLOCK_K=MIX_BLOCK_K, num_warps=4)
     return (dMp, dmp) if wgrad else None
@@ -292,7 +292,7 @@ def _splits(N: int, H: int, d: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(4 * sms, programs), triton.cdiv(N, 256)))
 
 
-def hsim_split_forward(x, M, m, A, a):
+def hsim_split_linear_forward(x, M, m, A, a):
     """Triton forward: x (..., D), weights as `hsim_split_linear_ref` (either part None, not both).
     Returns y (..., D) contiguous, x's dtype."""
     H, d = (M.shape[1], M.shape[0]) if M is not None else (A.shape[0], A.shape[1])
@@ -307,7 +307,7 @@ def hsim_split_forward(x, M, m, A, a):
     return y2.reshape(x.shape)
 
 
-def hsim_split_backward(grad_y, x, M, m, A, a, needs=(True,) * 5):
+def hsim_split_linear_backward(grad_y, x, M, m, A, a, needs=(True,) * 5):
     """Triton backward: (dx, dM, dm, dA, da) with None for absent parameters and for the gradients
     `needs` (one flag per input: x, M, m, A, a) does not ask for, whose kernels are skipped; dx in
     x's dtype, the parameter gradients in their dtypes (reduced in fp32). Deterministic: no atomics."""
@@ -337,7 +337,7 @@ def hsim_split_backward(grad_y, x, M, m, A, a, needs=(True,) * 5):
                 mt, smb = _w(m, x2, 2)
                 rows_per_split = triton.cdiv(N, splits)
                 bj = block_j(d)
-                _block_wgrad_kernel[(splits * H * triton.cdiv(d, BLOCK_K),)](
+                _hsim_split_linear_wgrad_kernel[(splits * H * triton.cdiv(d, BLOCK_K),)](
                     x2, Mt, mt, dy, dAp, dap, x2.stride(0), *sm, *smb, dy.stride(0), N, H, d, int(m is not None),
                     rows_per_split, HAS_MIX=int(M is not None), BLOCK_N=WGRAD_BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_J=bj,
                     PRECISION=precision, num_warps=8 if bj == 256 else 4)
@@ -372,7 +372,7 @@ def hsim_split_backward(grad_y, x, M, m, A, a, needs=(True,) * 5):
 def _hsim_split_triton_op(x: torch.Tensor, mix_weight: torch.Tensor | None, mix_bias: torch.Tensor | None,
                           block_weight: torch.Tensor | None, block_bias: torch.Tensor | None) -> torch.Tensor:
     with device_guard(x):
-        return hsim_split_forward(x, mix_weight, mix_bias, block_weight, block_bias)
+        return hsim_split_linear_forward(x, mix_weight, mix_bias, block_weight, block_bias)
 
 
 @_hsim_split_triton_op.register_fake
@@ -385,7 +385,7 @@ def _hsim_split_triton_backward_op(
         grad_y: torch.Tensor, x: torch.Tensor, mix_weight: torch.Tensor | None, mix_bias: torch.Tensor | None,
         block_weight: torch.Tensor | None, block_bias: torch.Tensor | None, needs: list[bool]) -> list[torch.Tensor]:
     with device_guard(x):
-        grads = hsim_split_backward(grad_y, x, mix_weight, mix_bias, block_weight, block_bias, needs)
+        grads = hsim_split_linear_backward(grad_y, x, mix_weight, mix_bias, block_weight, block_bias, needs)
     return [g if g is not None else x.new_empty((0,)) for g in grads]  # 0-element: absent or not asked for
 
 

@@ -161,7 +161,7 @@ if _backend.triton_importable():
         return w1, b1, w2, b2, w3, b3
 
     @triton.jit
-    def _nested_fwd_kernel(
+    def _nested_attention_fwd_kernel(
         Q, K, V, Prev, Noise, W1, B1, W2, B2, W3, B3, Out, Z, Lse,
         sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
         sp_b, sp_h, sp_i, sp_j, sn_b, sn_h, sn_i, sn_j,
@@ -212,7 +212,7 @@ if _backend.triton_importable():
             tl.store(Lse + b64 * sl_b + lh * sl_h + lrows * sl_t, m_i + tl.log(l_i), mask=(lh < H) & (lrows < T))
 
     @triton.jit
-    def _nested_bwd_q_kernel(
+    def _nested_attention_bwd_q_kernel(
         GO, GZ, Q, K, V, Prev, Noise, W1, B1, W2, B2, W3, B3, Lse, Delta,
         dQ, dK, dV, dPrev, dW1, dB1, dW2, dB2, dW3, dB3,
         sgo_b, sgo_h, sgo_t, sgo_d, sgz_b, sgz_h, sgz_i, sgz_j,
@@ -305,7 +305,7 @@ if _backend.triton_importable():
             tl.store(dB3 + pid * H + oh2, gb3, mask=hh_ok)
 
     @triton.jit
-    def _nested_bwd_kv_kernel(
+    def _nested_attention_bwd_kv_kernel(
         GO, GZ, Q, K, V, Prev, Noise, W1, B1, W2, B2, W3, B3, Lse, Delta, dPrev, dK, dV,
         sgo_b, sgo_h, sgo_t, sgo_d, sgz_b, sgz_h, sgz_i, sgz_j,
         sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
@@ -395,7 +395,7 @@ def nested_attention_forward(q, k, v, prev_logits, head_mlp, noise, scale):
     prev = prev_logits if prev_logits is not None else z
     nz = noise if noise is not None else z
     with device_guard(q):
-        _nested_fwd_kernel[(n_prog,)](
+        _nested_attention_fwd_kernel[(n_prog,)](
             q, k, v, prev, nz, *_mlp_args(q, head_mlp, use_mlp), out, z, lse,
             *q.stride(), *k.stride(), *v.stride(), *prev.stride(), *nz.stride(),
             *out.stride(), *z.stride(), *lse.stride(),
@@ -437,12 +437,12 @@ def nested_attention_backward(grad_out, grad_z, q, k, v, prev_logits, head_mlp, 
                     num_warps=warps)
         inputs = (grad_out, gz, q, k, v, prev, nz, *_mlp_args(q, head_mlp, use_mlp), lse, delta)
         with device_guard(q):
-            _nested_bwd_q_kernel[(n_prog,)](
+            _nested_attention_bwd_q_kernel[(n_prog,)](
                 *inputs, dq, dk, dv, dp, *partials, *common,
                 *dq.stride(), *dk.stride(), *dv.stride(), *_strides4(dprev), *flags, n_prog, **meta)
             if T > bi:  # several tiles: dk, dv by key tile (reads dS back from dprev)
                 n_kv = _n_prog(B * -(-T // BLOCK_J))
-                _nested_bwd_kv_kernel[(n_kv,)](
+                _nested_attention_bwd_kv_kernel[(n_kv,)](
                     *inputs, dp, dk, dv, *common, *_strides4(dprev), *dk.stride(), *dv.stride(), *flags, n_kv, **meta)
     grads = []
     if use_mlp:
