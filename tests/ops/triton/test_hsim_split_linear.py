@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from helpers import aot
+from helpers.inputs import hsim_inputs
 from helpers.oracle import assert_2x_pytorch
 from tntkernels import hsim_split_linear, hsim_split_linear_ref
 
@@ -51,24 +52,8 @@ _IDS = [f"N{'x'.join(map(str, c[0]))}-H{c[1]}-d{c[2]}-{c[3]}-bias{int(c[4])}-{c[
 
 
 def _make(lead, H, d, parts, biases, layout, dtype, seed):
-    """x, (M, m, A, a) (absent parts / biases None) and the upstream gradient, in dtype."""
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, std=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * std).to(dtype)
-
-    D = H * d
-    if layout == "t":
-        x = randn(*lead[::-1], D).transpose(0, 1) if len(lead) == 2 else randn(*lead, D)
-    elif layout == "s":
-        x = randn(*lead, D + 5)[..., 3:3 + D]
-    else:
-        x = randn(*lead, D)
-    M = randn(d, H, H, std=H ** -0.5) if "m" in parts else None
-    m = randn(d, H, std=0.5) if "m" in parts and biases else None
-    A = randn(H, d, d, std=d ** -0.5) if "b" in parts else None
-    a = randn(H, d, std=0.5) if "b" in parts and biases else None
-    return x, (M, m, A, a), randn(*lead, D)
+    """x, (M, m, A, a) and the upstream gradient (helpers.inputs)."""
+    return hsim_inputs(lead, H, d, parts=parts, biases=biases, layout=layout, dtype=dtype, seed=seed)
 
 
 def _run(fn, x, params, grad_y, dtype):

@@ -19,6 +19,7 @@ import torch
 
 import tntkernels
 from helpers import aot
+from helpers.inputs import attention_inputs
 from helpers.oracle import assert_2x_pytorch
 
 ia = importlib.import_module("tntkernels.ops.triton.inner_attention")
@@ -41,19 +42,8 @@ GPU_SHAPES = [(75_000, 4, 16, 6, 6), (300, 4, 16, 10, 10), (50, 3, 49, 10, 10), 
 
 
 def _make_inputs(S, H, m, d, dv, layout, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    if layout == "qkv":
-        assert d == dv
-        qkv = torch.randn(S, m, 3 * H * d, generator=g, dtype=torch.float64).to(dtype)
-        q, k, v = qkv.reshape(S, m, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)  # (S, H, m, d) views
-    elif layout == "t":
-        q, k = torch.randn(2, S, m, H, d, generator=g, dtype=torch.float64).to(dtype).transpose(2, 3).unbind(0)
-        v = torch.randn(S, m, H, dv, generator=g, dtype=torch.float64).to(dtype).transpose(1, 2)
-    else:
-        q, k = torch.randn(2, S, H, m, d, generator=g, dtype=torch.float64).to(dtype).unbind(0)
-        v = torch.randn(S, H, m, dv, generator=g, dtype=torch.float64).to(dtype)
-    dout = torch.randn(S, H, m, dv, generator=g, dtype=torch.float64).to(dtype)
-    return q, k, v, dout
+    """q, k, v, dout (helpers.inputs)."""
+    return attention_inputs(S, H, m, d, dv, layout=layout, dtype=dtype, seed=seed)
 
 
 def _run_triton(q, k, v, dout, scale):

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 import tntkernels
 from helpers import aot
+from helpers.inputs import inner_block_inputs
 from helpers.oracle import assert_2x_pytorch
 from tntkernels.ops.reference import inner_block as ibr
 
@@ -40,26 +41,9 @@ DTYPES = {"float32": (torch.float32, torch.float32, 1e-5), "float16": (torch.flo
 
 
 def make_inputs(S, m, C, H, qkv_bias, drop_path, layout, dtype, seed=0, hidden=None):
-    """x (S, m, C), params (timm names), dy, drop-path scales; LN weights near 1, small random biases."""
-    g = torch.Generator().manual_seed(seed)
-    hidden = hidden or 4 * C
-    params = {}
-    for name, shape in ibr.param_shapes(C, hidden).items():
-        if name in ibr.OPTIONAL_PARAMS and not qkv_bias:
-            continue
-        t = torch.randn(shape, generator=g, dtype=torch.float64) * (C ** -0.5 if len(shape) == 2 else 0.1)
-        if name.startswith("norm") and name.endswith("weight"):
-            t = t + 1.0
-        params[name] = t.to(dtype)
-    if layout == "t":
-        x = torch.randn(m, S, C, generator=g, dtype=torch.float64).to(dtype).transpose(0, 1)
-    else:
-        x = torch.randn(S, m, C, generator=g, dtype=torch.float64).to(dtype)
-    dy = torch.randn(S, m, C, generator=g, dtype=torch.float64).to(dtype)
-    scales = None
-    if drop_path:  # DropPath with keep 0.75: 0 or 1/0.75 per sentence
-        scales = tuple((torch.rand(S, generator=g) < 0.75).float() / 0.75 for _ in range(2))
-    return x, params, dy, scales
+    """x, params, dy, drop-path scales (helpers.inputs)."""
+    return inner_block_inputs(S, m, C, H, hidden=hidden, qkv_bias=qkv_bias, drop_path=drop_path, layout=layout,
+                              dtype=dtype, seed=seed)
 
 
 def run_block(x, params, dy, scales, H, backend, compute=None):

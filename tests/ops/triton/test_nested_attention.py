@@ -15,6 +15,7 @@ import torch
 
 import tntkernels
 from helpers import aot
+from helpers.inputs import nested_inputs
 from helpers.oracle import assert_2x_pytorch
 from tntkernels import nested_attention_ref
 from tntkernels.ops.reference.nested_attention import LEAKY_SLOPE
@@ -65,36 +66,8 @@ _IDS = [f"B{c[0]}H{c[1]}T{c[2]}d{c[3]}dv{c[4]}-{c[5]}-prev{c[6]}-noise{c[7]}-{c[
 
 
 def _make_inputs(B, H, T, d, dv, form, prev, noise, layout, dtype, seed):
-    """q, k, v, prev_logits, head_mlp, noise, grad_out, grad_logits (prev / mlp / noise may be None)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, std=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * std).to(dtype)
-
-    if layout == "t":
-        q, k = randn(2, B, T, H, d).transpose(2, 3).unbind(0)
-        v = randn(B, T, H, dv).transpose(1, 2)
-    else:
-        q, k = randn(2, B, H, T, d).unbind(0)
-        v = randn(B, H, T, dv)
-    prev_logits = randn(B, H, T, T) if prev else None
-    if prev in ("mask", "first"):  # keys masked out in every head, never a whole row
-        if prev == "mask":  # random keys
-            drop = torch.rand(B, 1, T, T, generator=g) < 0.3
-            drop[..., 0] = False
-        else:  # the whole first key tile (16 keys): the online softmax starts from −inf rows
-            drop = torch.zeros(B, 1, T, T, dtype=torch.bool)
-            drop[..., :16] = True
-        prev_logits = prev_logits.masked_fill(drop, float("-inf"))
-    head_mlp = None
-    if form == "coda":
-        F = 4 * H
-        head_mlp = [randn(F, H, std=H ** -0.5), randn(F, std=0.1), randn(F, F, std=F ** -0.5), randn(F, std=0.1),
-                    randn(H, F, std=F ** -0.5), randn(H, std=0.1)]
-    noise_t = randn(B, H, T, T) if noise else None
-    grad_out = randn(B, H, T, dv)
-    grad_logits = randn(B, H, T, T, std=0.5)
-    return q, k, v, prev_logits, head_mlp, noise_t, grad_out, grad_logits
+    """q, k, v, prev_logits, head_mlp, noise, grad_out, grad_logits (helpers.inputs)."""
+    return nested_inputs(B, H, T, d, dv, form=form, prev=prev, noise=noise, layout=layout, dtype=dtype, seed=seed)
 
 
 def _leaves(q, k, v, prev_logits, head_mlp):
