@@ -122,8 +122,7 @@ def register_kernel_autograd(op, *, reference: Callable, backward: BackwardKerne
         needs = tuple(ctx.needs_input_grad)
         grads = tuple(g for i, g in enumerate(grad_outputs) if i not in non_differentiable)
         if not _any(needs) or all(g is None for g in grads):
-            return _mask([None] * len(needs), [False if not isinstance(n, (list, tuple)) else [False] * len(n)
-                                               for n in needs])
+            return _mask([None] * len(needs), needs)  # None everywhere, lists for list inputs
         saved = ctx.saved_tensors
         inputs = _unflatten(ctx.layout, saved[:ctx.n_inputs])
         if torch.is_grad_enabled():  # create_graph=True: differentiate the reference, exactly
