@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One-command setup + run on a fresh machine (README quickstart):
 #   bash scripts/quickstart.sh train [tntkernels-train args...]   train the default TNT on real digits
-#   bash scripts/quickstart.sh test  [pytest args...]             run the test suite (two pytest sessions side
-#                                                                  by side: the main one, TRITON_INTERPRET=1 -m interpreter)
+#   bash scripts/quickstart.sh test  [pytest args...]             run the test suite (two pytest sessions:
+#                                                                  the main one, then TRITON_INTERPRET=1 -m interpreter)
 # Creates .venv (Python >= 3.11), installs torch and the dependencies, builds tntkernels._C with
 # --no-build-isolation (C++ CPU ops, plus the CUDA kernels wherever nvcc is on PATH, GPU or not;
 # `train` on a machine without a GPU builds the CPU ops only), then runs the job. Re-running reuses
@@ -52,17 +52,12 @@ case "$mode" in
   train) exec tntkernels-train "$@" ;;
   test)
     # Two sessions: Triton picks interpreter or compiler when tntkernels is imported, so the kernels
-    # on CPU tensors (marker `interpreter`) run in their own TRITON_INTERPRET=1 session, beside the
-    # main one (its log is printed after the main session's).
-    ilog="$(mktemp)"
-    TRITON_INTERPRET=1 python -m pytest -q -ra -m interpreter "$@" > "$ilog" 2>&1 &
-    ipid=$!
+    # on CPU tensors (marker `interpreter`) run in their own TRITON_INTERPRET=1 session.
     rc=0
     python -m pytest -q -ra "$@" || rc=$?
-    irc=0
-    wait "$ipid" || irc=$?
     echo "== Triton kernels under the interpreter (TRITON_INTERPRET=1 pytest -m interpreter)"
-    cat "$ilog"; rm -f "$ilog"
+    irc=0
+    TRITON_INTERPRET=1 python -m pytest -q -ra -m interpreter "$@" || irc=$?
     [ "$irc" -eq 5 ] && irc=0  # the selection holds no interpreter test
     [ "$rc" -ne 0 ] && exit "$rc"
     exit "$irc" ;;
