@@ -55,6 +55,10 @@ def flex(q, k, v):
 
 
 def attention_candidates(device: torch.device, quick: bool, backends):
+    # ours first: a run cut short by its time limit still has them (the JSON is rewritten after every row)
+    for name in ("cuda", "triton", "cpu"):
+        if harness.runnable(name, backends, device):
+            yield f"ours_{name}", (lambda q, k, v, name=name: tntkernels.inner_attention(q, k, v, backend=name))
     yield "timm_eager", timm_eager
     yield "sdpa", F.scaled_dot_product_attention
     if device.type == "cuda" or not quick:
@@ -62,9 +66,6 @@ def attention_candidates(device: torch.device, quick: bool, backends):
         if device.type == "cuda":
             yield "compile-max-autotune(timm_eager)", torch.compile(timm_eager, mode="max-autotune-no-cudagraphs")
             yield "flex_attention(compiled)", torch.compile(flex)
-    for name in ("cuda", "triton", "cpu"):
-        if harness.runnable(name, backends, device):
-            yield f"ours_{name}", (lambda q, k, v, name=name: tntkernels.inner_attention(q, k, v, backend=name))
 
 
 def attention_bytes(S, H, m, d, elem, pas):
@@ -102,17 +103,18 @@ def block_candidates(dim, heads, device, dtype, quick, backends):
         from timm.models.tnt import Attention as TimmAttention
     except ImportError:
         TimmAttention = None
+    # ours first (see attention_candidates)
+    if _backend.why_unavailable("triton", device) is None:
+        yield "ours_fused_triton", InnerBlock(dim, heads, Attention(dim, dim, num_heads=heads, backend="triton"),
+                                              fused=True).to(device, dtype)
+    for name in ("cuda", "triton", "cpu"):
+        if harness.runnable(name, backends, device):
+            yield f"ours_{name}", InnerBlock(dim, heads, Attention(dim, dim, num_heads=heads, backend=name)).to(device, dtype)
     if TimmAttention is not None:
         timm_block = InnerBlock(dim, heads, TimmAttention(dim, dim, num_heads=heads)).to(device, dtype)
         yield "timm_eager", timm_block
         if device.type == "cuda" or not quick:
             yield "compile(timm)", torch.compile(timm_block)
-    for name in ("cuda", "triton", "cpu"):
-        if harness.runnable(name, backends, device):
-            yield f"ours_{name}", InnerBlock(dim, heads, Attention(dim, dim, num_heads=heads, backend=name)).to(device, dtype)
-    if _backend.why_unavailable("triton", device) is None:
-        yield "ours_fused_triton", InnerBlock(dim, heads, Attention(dim, dim, num_heads=heads, backend="triton"),
-                                              fused=True).to(device, dtype)
 
 
 # ------------------------------------------------------------------ driver

@@ -131,7 +131,9 @@ def candidates(device: torch.device, quick: bool) -> list[Candidate]:
     c.append(Candidate("timm_compile", tnt, "tnt_s", lambda: _timm_tnt(tiny), size, 3, classes, compile_=True))
     c.append(Candidate(f"compile(timm+swap_in({k0}))", tnt, "tnt_s", lambda: _swapped(tiny, k0), size, 3, classes,
                        compile_=True, ours=True))
-    return c
+    # ours first, then the eager baselines, the torch.compile candidates (minutes of compiling) last: a run
+    # cut short by --budget or its time limit keeps what matters most (the JSON is rewritten per row)
+    return sorted(c, key=lambda cand: (cand.compile, not cand.ours))
 
 
 def measure(cand: Candidate, batch: int, device: torch.device, amp: torch.dtype | None, warmup: int, steps: int,

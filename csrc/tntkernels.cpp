@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "tntkernels/grid_cap.h"
 #include "tntkernels/limits.h"
 
 TORCH_LIBRARY(tntkernels, m) {
@@ -59,6 +60,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   }, "True when this build holds the CUDA kernels.");
   module.def("cuda_archs", []() { return std::string(TNTKERNELS_CUDA_ARCHS); },
              "TORCH_CUDA_ARCH_LIST the CUDA kernels were compiled for ('' for a CPU-only build).");
+  module.def("_set_grid_cap_for_tests", [](int64_t blocks) {
+    TORCH_CHECK(blocks >= 0, "_set_grid_cap_for_tests: blocks must be >= 0, got ", blocks);
+    return tntkernels::cuda::grid_cap_for_tests().exchange(blocks);
+  }, "Tests only: cap every grid-stride CUDA kernel's grid at `blocks` (0: no cap); returns the previous cap.");
   module.def("limits", []() {
     namespace L = tntkernels::limits;
     pybind11::dict d;

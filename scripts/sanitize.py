@@ -166,10 +166,10 @@ def main(argv=None) -> int:
               f"no CUDA device here; nothing was run", flush=True)
         return 0 if args.allow_no_gpu else 2
     from tntkernels import _backend
-    if not _backend.cpp_available():
+    if "cpp" in args.ops and not _backend.cpp_available():
         print(f"sanitize.py: tntkernels._C is not built ({_backend._C_ERROR})", flush=True)
         return 1
-    if args.device != "cpu" and not _backend.cuda_compiled():
+    if "cpp" in args.ops and args.device != "cpu" and not _backend.cuda_compiled():
         print("sanitize.py: tntkernels._C has no CUDA kernels (build it with TNTKERNELS_FORCE_CUDA=1)", flush=True)
         return 1
     dev = torch.device(args.device)
@@ -177,17 +177,22 @@ def main(argv=None) -> int:
           f"caching allocator {'off' if os.environ.get('PYTORCH_NO_CUDA_MEMORY_CACHING') == '1' else 'on'}", flush=True)
     gen = torch.Generator(device="cpu").manual_seed(0)
     t0 = time.perf_counter()
-    try:
+    groups = []
+    for dtype in (getattr(torch, n) for n in args.dtypes):
         if "cpp" in args.ops:
-            for dtype in (getattr(torch, n) for n in args.dtypes):
-                inner_attention(gen, dev, dtype)
-                nested_attention(gen, dev, dtype)
-                hsim_split(gen, dev, dtype)
+            groups += [(f"inner_attention {dtype}", inner_attention, dtype), (f"nested_attention {dtype}", nested_attention, dtype),
+                       (f"hsim_split {dtype}", hsim_split, dtype)]
         if "triton" in args.ops:
-            for dtype in (getattr(torch, n) for n in args.dtypes):
-                triton_ops(gen, dev, dtype)
-    except Exception as exc:  # noqa: BLE001  any error fails the run, after saying where
-        print(f"FAILED after {CALLS} calls: {type(exc).__name__}: {exc}", flush=True)
+            groups.append((f"triton ops {dtype}", triton_ops, dtype))
+    failed = []
+    for name, fn, dtype in groups:  # an error in one group does not stop the others
+        try:
+            fn(gen, dev, dtype)
+        except Exception as exc:  # noqa: BLE001  reported, then the next group runs
+            failed.append(name)
+            print(f"FAILED {name} (after {CALLS} calls in all): {type(exc).__name__}: {str(exc)[:500]}", flush=True)
+    if failed:
+        print(f"sanitize: {len(failed)} of {len(groups)} groups failed: {', '.join(failed)}", flush=True)
         return 1
     print(f"sanitize: {CALLS} calls OK ({time.perf_counter() - t0:.1f} s)", flush=True)
     return 0

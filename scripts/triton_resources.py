@@ -11,6 +11,7 @@ the tests (tests/ops/triton/test_resources.py checks that the table here is curr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import subprocess
 import sys
@@ -62,11 +63,12 @@ def render(results: dict[str, list[tuple[aot.Job, aot.Resources, list[str]]]], e
         "",
         ("Every configuration the launchers can choose (`triton_configs()` of each module; "
          "`TNTKERNELS_AOT=all pytest -m aot`)." if everything else
-         "The default AOT set: the configurations the launchers choose for real shapes (the @gpu tests' "
-         "shapes, TNT-S, TNT-B, Nested-TNT-S, RTNT, TinT; `REAL_SHAPES` in `tests/helpers/aot.py`), in "
-         "float32 / float16 / bfloat16 (the fused inner block also under autocast: `fp32+bf16` is a "
-         "float32 residual stream with bfloat16 parameters and GEMM inputs), compiled for sm_80 and sm_90 "
-         "by `pytest -m aot`. `tests/ops/triton/test_resources.py` checks this table is current."),
+         "The default AOT set: what the public ops launch for real shapes (`REAL_SHAPES` in "
+         "`tests/helpers/aot.py`): the @gpu tests' shapes in float32 / float16 / bfloat16 for sm_90, and "
+         "TNT-S, TNT-B, Nested-TNT-S, RTNT and TinT in float32 / bfloat16 (the fused inner block also under "
+         "autocast: `fp32+bf16` is a float32 residual stream with bfloat16 parameters and GEMM inputs) for "
+         "sm_80 and sm_90, compiled by `pytest -m aot`. `tests/ops/triton/test_resources.py` checks this "
+         "table is current."),
         "",
         "Columns: shared = `CompiledKernel.metadata.shared` (dynamic shared memory the launch requests, "
         "bytes); registers per thread and spills as the driver reports them to Triton (`n_regs`, "
@@ -75,8 +77,13 @@ def render(results: dict[str, list[tuple[aot.Job, aot.Resources, list[str]]]], e
         "cubin (no GPU needed); over limit = shared > the most one block may use "
         f"({limits}): the first launch raises `OutOfResources`. Such a kernel is compiled only to "
         "Triton's LLVM IR, where its shared memory is known (registers and spills: —; "
-        "`--cubin` builds it to the end). Integer arguments are compiled unspecialised (no "
-        "divisibility-by-16 hints), so a GPU launch may differ slightly.",
+        "`--cubin` builds it to the end). " + ("Every configuration compiled unspecialised (every int an i32, no "
+        "divisibility hints)." if everything else "Each kernel is compiled as the runtime specialises it for each "
+        "real shape's launch (captured from the public ops: ints equal to 1 as constants, pointers and ints "
+        "divisible by 16 with the divisibility hint; an H100's 132 SMs where a launcher sizes its grid); a "
+        "row merges a configuration's specialisations (the most of each resource). Configurations the "
+        "dispatcher refuses on an architecture (shared memory over its limit: `SHARED_KB` of the nested "
+        "and fused-block modules) are not launched there, so not listed."),
         "",
         "## Over the shared-memory limit",
         "",
@@ -148,7 +155,16 @@ def main(argv=None) -> int:
     all_jobs = [job for jobs in plan.values() for job in jobs]
     aot.compile_all(all_jobs, processes=args.processes, progress=progress, cubin=args.cubin)
     for family, jobs in plan.items():
-        results[family] = [(job, res, users) for (job, users), res in zip(jobs.items(), aot.compile_all(list(jobs)))]
+        # one row per configuration: its runtime specialisations merged (the most of each resource)
+        res_of = dict(zip(jobs, aot.compile_all(list(jobs))))
+        merged = aot.by_config(res_of.items())
+        rows: dict[tuple, tuple] = {}
+        for job, users in jobs.items():
+            key = job.key
+            if key not in rows:
+                rows[key] = (dataclasses.replace(job, spec=()), merged[key], [])
+            rows[key][2].extend(u for u in users if u not in rows[key][2])
+        results[family] = list(rows.values())
     seconds = time.perf_counter() - start
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(render(results, args.all))

@@ -39,8 +39,14 @@ def _skip_reasons() -> dict[str, str | None]:
     }
 
 
+# TNTKERNELS_SKIP_MARKERS="aot,slow": skip those markers in this run (CI's second stack; .ci/run)
+SKIPPED_BY_ENV = {m.strip() for m in os.environ.get("TNTKERNELS_SKIP_MARKERS", "").split(",") if m.strip()}
+
+
 def pytest_collection_modifyitems(config, items):
     reasons = _skip_reasons()
+    for marker in SKIPPED_BY_ENV:
+        reasons[marker] = reasons.get(marker) or f"TNTKERNELS_SKIP_MARKERS={','.join(sorted(SKIPPED_BY_ENV))}"
     for item in items:
         for marker, reason in reasons.items():
             if reason is not None and marker in item.keywords:

@@ -4,9 +4,10 @@ from __future__ import annotations
 import gzip
 import pickle
 
-import numpy as np
 import pytest
-import torch
+
+np = pytest.importorskip("numpy")
+import torch  # noqa: E402
 
 from tntkernels.data import DATASETS, DataError, load_dataset
 

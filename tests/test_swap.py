@@ -45,8 +45,10 @@ def test_tnt_s_same_logits_state_and_grads(tnt_s, backend):
     assert report.num_blocks == 12 and report.num_attentions == 24
     assert report.blocks == [f"blocks.{i}" for i in range(12)]
     assert "blocks.3.attn_out" in report.attentions
-    assert str(report) == (f"swap_in: replaced 12 TNT blocks (24 attentions) with tntkernels modules "
-                           f"(backend={backend})")
+    assert str(report).startswith(f"swap_in: replaced 12 TNT blocks (24 attentions) with tntkernels modules "
+                                  f"(backend={backend}); ")
+    assert report.routing in str(report)
+    assert ("F.scaled_dot_product_attention" in report.routing) == (backend != "reference")
     assert all(type(b) is TNTBlock for b in model.blocks)
     assert not any(isinstance(m, (timm_tnt.Block, timm_tnt.Attention)) for m in model.modules())
     assert all(m.backend == backend for m in model.modules() if isinstance(m, Attention))
@@ -168,3 +170,22 @@ def test_errors():
     with pytest.raises(ValueError, match="found in TNT"):  # already swapped: nothing left
         swap_in(model)
     assert tntkernels.swap_in is swap_in
+
+
+@pytest.mark.interpreter
+@pytest.mark.slow
+def test_tnt_s_triton_under_interpreter(tnt_s):
+    """swap_in(TNT-S, backend="triton") on one 224² image: the inner sub-blocks on the fused Triton
+    kernel, the outer attentions (197 tokens) on SDPA; logits and gradients equal timm's."""
+    ref = tnt_s
+    model, report = swap_in(copy.deepcopy(ref), backend="triton")
+    assert "197 tokens" in str(report)
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    want, got = ref(x), model(x)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
+    want.square().sum().backward()
+    got.square().sum().backward()
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_params[name].grad, atol=1e-4, rtol=2e-3, msg=name)
+    ref.zero_grad(set_to_none=True)

@@ -10,7 +10,6 @@ How `backend=None` picks among them, and what each covers: `tntkernels.ops.regis
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -54,10 +53,14 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
+# Looked up once, at import: torch.compile (dynamo, torch 2.11) refuses to trace importlib's find_spec,
+# and traces into functools.cache wrappers, so the answer must be a plain constant by forward time.
+_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_importable() -> bool:
-    """True when the triton package is installed (looked up once per process)."""
-    return importlib.util.find_spec("triton") is not None
+    """True when the triton package is installed (looked up once, when tntkernels is imported)."""
+    return _TRITON_IMPORTABLE
 
 
 def why_unavailable(backend: str, device: torch.device) -> str | None:

@@ -2,7 +2,7 @@
 
     model = timm.create_model("tnt_s_patch16_224", pretrained=True)
     model, report = tntkernels.swap_in(model)     # same parameters, same state_dict, our kernels
-    print(report)  # swap_in: replaced 12 TNT blocks (24 attentions) with tntkernels modules (backend=None)
+    print(report)  # swap_in: replaced 12 TNT blocks (24 attentions) with tntkernels modules (backend=None); ...
 
 Nothing is copied: the existing parameter tensors, norms, MLPs and activations are moved into the new
 modules, so an optimizer built before the swap keeps updating the model, and `model.state_dict()` keys
@@ -18,6 +18,7 @@ from itertools import chain
 import torch.nn as nn
 
 from .nn import Attention, DropPath, Mlp, TNTBlock
+from .nn.attention import MAX_KERNEL_TOKENS
 
 _BLOCK_ATTRS = ("norm_in", "attn_in", "norm_mlp_in", "mlp_in", "norm1_proj", "proj", "norm2_proj",
                 "norm_out", "attn_out", "drop_path", "norm_mlp", "mlp")
@@ -41,9 +42,19 @@ class SwapReport:
     def num_attentions(self) -> int:
         return len(self.attentions)
 
+    @property
+    def routing(self) -> str:
+        """Where the new attentions send each call (tntkernels.nn.attention_route)."""
+        if self.backend == "reference":
+            return "every attention runs the PyTorch reference"
+        return (f"sequences of <= {MAX_KERNEL_TOKENS} tokens (the inner, word-level attentions) run "
+                f"tntkernels.inner_attention (backend={self.backend}); longer ones (the outer, sentence-level "
+                f"attentions: 197 tokens at 224²) and shapes the backend does not cover run "
+                f"F.scaled_dot_product_attention")
+
     def __str__(self) -> str:
         return (f"swap_in: replaced {self.num_blocks} TNT blocks ({self.num_attentions} attentions) "
-                f"with tntkernels modules (backend={self.backend})")
+                f"with tntkernels modules (backend={self.backend}); {self.routing}")
 
 
 def _timm_class(name: str) -> type | None:

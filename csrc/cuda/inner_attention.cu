@@ -63,8 +63,11 @@ __global__ void inner_attention_fwd_kernel(const scalar_t* __restrict__ q, const
   for (int j = 0; j < m; ++j) {
     const acc_t s = dot_row<DMAX>(qi, kp + j * d, d) * scale;
     const acc_t mx_new = s > mx ? s : mx;
-    const acc_t corr = exp(mx - mx_new);
-    const acc_t p = exp(s - mx_new);
+    // While every logit so far is −inf, shift by 0 instead of mx_new: exp(−inf − (−inf)) would be NaN
+    // (a −inf first key poisoned the row); this way corr = p = 0 until a finite logit arrives.
+    const acc_t shift = mx_new == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : mx_new;
+    const acc_t corr = exp(mx - shift);
+    const acc_t p = exp(s - shift);
     sum = sum * corr + p;
 #pragma unroll
     for (int c = 0; c < DMAX; ++c)

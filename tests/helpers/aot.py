@@ -1,13 +1,18 @@
 """Ahead-of-time compilation of the Triton kernels for sm_80 / sm_90 on a machine without a GPU, and
 the resources of each compiled kernel (shared memory, registers, spills).
 
-A `Job` is one `triton.compile`: (family, kernel, constexprs, dtype, num_warps, arch). Two sets:
+A `Job` is one `triton.compile`: (family, kernel, constexprs, dtype, num_warps, arch, spec). Two sets:
 
-- `default_jobs(family)`: what the dispatcher launches for real shapes (`REAL_SHAPES`: the @gpu tests'
-  shapes, TNT-S / TNT-B, Nested-TNT-S, RTNT, TinT) in float32 / float16 / bfloat16 (and bfloat16
-  autocast of the fused inner block), deduplicated; what `pytest -m aot` compiles (minutes cold).
+- `default_jobs(family)`: what the public ops launch for real shapes (`REAL_SHAPES`: the @gpu tests'
+  shapes in every dtype they run, for sm_90; the models' — TNT-S / TNT-B inner and outer, RTNT,
+  Nested-TNT-S, TinT — in float32 / bfloat16 (and bfloat16 autocast of the fused block), for sm_80 and
+  sm_90), captured by `capture_launches`: the launchers run on CPU tensors while every Triton launch
+  records, instead of running, exactly what the JIT would compile (its own binder: ints equal to 1
+  become constants, pointers and ints divisible by 16 carry the divisibility hint; `spec`), with the
+  shared-memory limit of the architecture given to the fit checks, so a configuration the dispatcher
+  refuses there is not in the set. What `pytest -m aot` compiles (minutes cold).
 - `every_job(family)`: every configuration the launchers can choose (the modules' `triton_configs()`),
-  the opt-in sweep `TNTKERNELS_AOT=all pytest -m aot` (about 35 minutes cold on 2 cores).
+  unspecialised (every int an i32), the opt-in sweep `TNTKERNELS_AOT=all pytest -m aot`.
 
 `compile_all(jobs)` compiles on at most two spawned processes (CI machines have 2 cores) and
 remembers the results for the rest of the process, so the family tests and tests/ops/triton/
@@ -21,18 +26,20 @@ where the shared memory is known, which saves PTX generation and ptxas, the slow
 (registers and spills unknown; `cubin=True` builds it to the end).
 
 `SHARED_LIMIT` is the most shared memory one block may use per architecture; `KNOWN_OVER_LIMIT` lists
-the default-set kernels that exceed it today (they would raise OutOfResources at their first launch),
-each with its reason; tests/ops/triton/test_resources.py checks that table exactly.
+default-set kernels that exceed it (they would raise OutOfResources at their first launch), each with
+its reason — none today; tests/ops/triton/test_resources.py checks that table exactly.
 scripts/triton_resources.py writes the table docs/triton-resources.md from the same jobs.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import os
 import re
 import subprocess
 import tempfile
+import types
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import torch
@@ -45,6 +52,7 @@ ARCHS = (80, 90)
 SHARED_LIMIT = {80: 166_912, 90: 232_448}
 MAX_PROCESSES = 2  # CI machines have 2 cores
 FAMILIES = ("inner_attention", "inner_block", "nested_attention", "hsim_split_linear")
+H100_SMS = 132  # streaming multiprocessors of an H100 SXM / H200 (what launchers sizing grids see)
 AOT_ENV = "TNTKERNELS_AOT"  # "all": the opt-in sweep over every configuration
 
 
@@ -76,14 +84,33 @@ class Job:
     dtype: str
     warps: int
     arch: int
+    # What the JIT specialised for one launch (`capture_launches`): (signature items, constexpr items by
+    # argument index, argument indices with tt.divisibility 16, options items); () = unspecialised
+    # (every int an i32, no alignment hints: the opt-in sweep)
+    spec: tuple = ()
 
     @property
     def config(self) -> str:
         return " ".join(f"{k}={v}" for k, v in self.constexprs) + f" warps={self.warps}"
 
     @property
+    def specialisation(self) -> str:
+        """'=1: H · ÷16: 21/30 · a1b2c3': the int arguments the JIT made the constant 1, how many
+        arguments carry the divisibility-by-16 hint, and a short hash of the whole spec; '—' if none."""
+        if not self.spec:
+            return "—"
+        import hashlib
+
+        sig, consts, div16, _ = self.spec
+        names = [name for name, _ in sig]
+        ones = [names[i] for (i,), v in consts if names[i] not in dict(self.constexprs)]
+        digest = hashlib.sha1(repr(self.spec).encode()).hexdigest()[:6]
+        return f"=1: {','.join(ones) or '-'} · ÷16: {len(div16)}/{len(names)} · {digest}"
+
+    @property
     def id(self) -> str:
-        return f"{self.kernel}-{self.config.replace(' ', ',')}-{self.dtype}-sm{self.arch}"
+        tail = f"-{self.specialisation.rsplit(' ', 1)[-1]}" if self.spec else ""
+        return f"{self.kernel}-{self.config.replace(' ', ',')}-{self.dtype}-sm{self.arch}{tail}"
 
     @property
     def key(self) -> tuple[str, str, str, str, int]:
@@ -128,99 +155,222 @@ def _label(x: torch.dtype, compute: torch.dtype | None = None) -> str:
     return TRITON_TYPES[x] if compute in (None, x) else f"{TRITON_TYPES[x]}+{TRITON_TYPES[compute]}"
 
 
-def _inner_attention_kernels(m: int, d: int, dv: int, dtype: torch.dtype):
-    bm, bd, bdv, pairs, warps = _module("inner_attention").triton_config(m, d, dv)
-    c = dict(BLOCK_M=bm, BLOCK_D=bd, BLOCK_DV=bdv, PAIRS_PER_PROG=pairs)
-    return [(k, c, _label(dtype), warps) for k in ("_inner_attention_fwd_kernel", "_inner_attention_bwd_kernel")]
+# ---------------------------------------------------------------------------------------------
+# What the runtime compiles: launches captured from the public ops at real shapes
+# ---------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def capture_launches(arch: int, launches: list):
+    """Inside, every Triton launch runs nothing: it appends (JITFunction, signature, constexprs, attrs,
+    options) to `launches` exactly as the JIT specialises it for sm_<arch> (its own binder: ints equal
+    to 1 become constants, pointers and ints divisible by 16 get the tt.divisibility hint; CPU
+    tensors are aligned like CUDA ones for this purpose, data_ptr % 16 depends on the view's offset),
+    and returns None; an autotuned kernel records every config; a launcher asking for the SM count gets
+    an H100's / H200's (H100_SMS), a fit check asking for the shared-memory limit gets sm_<arch>'s
+    (so a configuration the dispatcher would not launch there raises its ValueError instead). `triton` may run on CPU tensors (the
+    registry's availability check is lifted), so the public ops drive the launchers as on a GPU."""
+    from unittest import mock
+
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    from tntkernels import _backend
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    real_unavailable = _backend.why_unavailable
+
+    def run(fn, *args, grid, warmup, **kwargs):
+        kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+        binder = create_function_from_signature(fn.signature, fn.params, backend)
+        bound_args, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+        names = {p.name for p in fn.params}
+        opts = tuple(sorted((k, v) for k, v in kwargs.items() if k not in names))
+        launches.append((fn, signature, constexprs, attrs, opts))
+
+    def tuned_run(tuner, *args, **kwargs):
+        for config in tuner.configs:
+            tuner.fn.run(*args, **{**kwargs, **config.all_kwargs()})
+
+    sms = types.SimpleNamespace(multi_processor_count=H100_SMS, name="AOT (H100 / H200)")
+    limit = lambda device: SHARED_LIMIT[arch] // 1024  # noqa: E731 - what the fit checks see for sm_<arch>
+    with mock.patch.object(JITFunction, "run", run), mock.patch.object(Autotuner, "run", tuned_run), \
+            mock.patch.object(_backend, "why_unavailable",
+                              lambda b, device: None if b == "triton" else real_unavailable(b, device)), \
+            mock.patch.object(torch.cuda, "get_device_properties", lambda device=None: sms), \
+            mock.patch.object(_module("nested_attention"), "shared_limit_kb", limit), \
+            mock.patch.object(_module("inner_block"), "shared_limit_kb", limit):
+        yield launches
 
 
-def _inner_block_kernels(m: int, C: int, head_dim: int, x: torch.dtype, compute: torch.dtype):
-    br_fwd, br_bwd, bc, bd, bf, warps = _module("inner_block").triton_config(m, C, head_dim)
-    return [(kernel, dict(BLOCK_R=br, BLOCK_C=bc, BLOCK_D=bd, BLOCK_F=bf), _label(x, compute), warps)
-            for kernel, br in (("_inner_block_fwd_kernel", br_fwd), ("_inner_block_bwd_kernel", br_bwd))]
-
-
-def _nested_kernels(T: int, d: int, dv: int, H: int, has_mlp: bool, dtype: torch.dtype):
-    """The kernels one forward + backward launches: the key-tile kernel only when T > BLOCK_I."""
-    nat = _module("nested_attention")
-    from tntkernels.ops.reference.nested_attention import LEAKY_SLOPE
-    bh, bf, bd, warps = nat.triton_config(T, d, dv, H, has_mlp)
-    c = dict(BLOCK_H=bh, BLOCK_I=nat.BLOCK_I, BLOCK_J=nat.BLOCK_J, BLOCK_D=bd, BLOCK_F=bf, SLOPE=LEAKY_SLOPE)
-    kernels = ["_nested_attention_fwd_kernel", "_nested_attention_bwd_q_kernel"] + (["_nested_attention_bwd_kv_kernel"] if T > nat.BLOCK_I else [])
-    return [(k, c, _label(dtype), warps) for k in kernels]
-
-
-def _hsim_kernels(d: int, mix: bool, block: bool, dtype: torch.dtype, precision: str = "ieee"):
-    """What hsim_split_linear_forward + hsim_split_linear_backward launch for heads of width d (the launchers'
-    logic): the autotuned block kernel compiles both _TUNE entries on its first launch."""
-    hst = _module("hsim_split_linear")
-    bj = hst.block_j(d)
-    label = _label(dtype)
+def _jobs_of(family: str, arch: int, launches: list) -> list[Job]:
     out = []
-
-    def block_kernel(has_mix):
-        for bn, warps in hst._TUNE:
-            out.append(("_hsim_split_linear_block_kernel", dict(HAS_MIX=int(has_mix), BLOCK_N=bn, BLOCK_K=hst.BLOCK_K, BLOCK_J=bj,
-                                              PRECISION=precision), label, warps))
-    if block:
-        block_kernel(mix)  # forward: y = Block(Mix(x))
-        block_kernel(False)  # backward: dz = dy · Aᵀ
-        out.append(("_hsim_split_linear_wgrad_kernel", dict(HAS_MIX=int(mix), BLOCK_N=hst.WGRAD_BLOCK_N, BLOCK_K=hst.BLOCK_K,
-                                                BLOCK_J=bj, PRECISION=precision), label, 8 if bj == 256 else 4))
-    else:
-        out.append(("_hsim_split_linear_mix_kernel", dict(WGRAD=0, BLOCK_N=hst.MIX_BLOCK_N, BLOCK_K=hst.MIX_BLOCK_K), label, 4))
-    if mix:  # backward: dx, dM, dm
-        out.append(("_hsim_split_linear_mix_kernel", dict(WGRAD=1, BLOCK_N=hst.MIX_BLOCK_N, BLOCK_K=hst.MIX_BLOCK_K), label, 4))
+    for fn, signature, constexprs, attrs, opts in launches:
+        names = fn.arg_names
+        declared = {p.name for p in fn.params if p.is_constexpr}
+        launcher = {names[i]: v for (i,), v in constexprs.items() if names[i] in declared}
+        spec = (tuple(signature.items()), tuple(sorted((path, v) for path, v in constexprs.items())),
+                tuple(sorted(path for path, attr in attrs.items() if ["tt.divisibility", 16] in attr)), opts)
+        out.append(Job(family, fn.__name__, tuple(launcher.items()), _dtype_label(family, signature), int(dict(opts)["num_warps"]),
+                       arch, spec))
     return out
 
 
-# Real shapes: name -> the arguments of the family's kernel chooser above (without the dtype). The
-# "GPU test" entries mirror the @gpu tests of tests/ops/triton/test_<family>.py (each file checks that
-# its GPU cases are covered). TNT-S: inner (B·196, H 4, m 16, d 6, C 24, MLP 96), outer T 197, H 6,
-# d 64; TNT-B: inner H 4, d 10, C 40, MLP 160, outer T 197 / 577, H 10, d 64; RTNT-N / -Ti: letters
-# m 4, C 6 / 12 (d 6), words m 4, C 24 / 48 (d 12); TinT: D 768 / 3072, H 12 (d 64 / 256), D 3072 H 48
-# (d 64). Not here (the sweep has them): RTNT's sentence level (T 17, d 32 / 64), float16 autocast of
-# the inner block, TF32 (torch.backends.cuda.matmul.allow_tf32) of the H_sim kernels.
+def _dtype_label(family: str, signature: dict) -> str:
+    """'bf16', or for the fused inner block under autocast 'fp32+bf16' (x's type + the weights')."""
+    x = signature[{"inner_attention": "Q", "inner_block": "X", "nested_attention": "Q",
+                   "hsim_split_linear": "X"}[family]].lstrip("*")
+    if family == "inner_block":
+        w = signature["QKW"].lstrip("*")
+        return x if w == x else f"{x}+{w}"
+    return x
+
+
+def _empty(shape, dtype, layout="c", width=None):
+    """An uninitialised tensor of `shape` in a layout the ops meet: "c" contiguous; "t" the last two but
+    one dims swapped in memory ((S, m, H, d) viewed as (S, H, m, d)); "s" a slice [3 : 3 + D] of rows
+    of width D + 5."""
+    if layout == "t" and len(shape) == 4:
+        S, H, m, d = shape
+        return torch.empty(S, m, H, d, dtype=dtype).transpose(1, 2)
+    if layout == "t" and len(shape) == 3:  # inner block x (S, m, C) stored (m, S, C)
+        S, m, C = shape
+        return torch.empty(m, S, C, dtype=dtype).transpose(0, 1)
+    if layout == "t" and len(shape) == 2:
+        return torch.empty(shape[1], shape[0], dtype=dtype).t()
+    if layout == "s":
+        return torch.empty(*shape[:-1], shape[-1] + 5, dtype=dtype)[..., 3:3 + shape[-1]]
+    return torch.empty(shape, dtype=dtype)
+
+
+def _attention_heads(S, H, m, d, dv, dtype):
+    """q, k, v as nn.Attention (timm's TNT Attention) makes them: views of the qk and v Linear outputs."""
+    q, k = torch.empty(S, m, 2 * H * d, dtype=dtype).reshape(S, m, 2, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+    v = torch.empty(S, m, H * dv, dtype=dtype).reshape(S, m, H, dv).permute(0, 2, 1, 3)
+    return q, k, v
+
+
+def _run_inner_attention(S, H, m, d, dv, layout, dtype):
+    import tntkernels
+
+    if layout == "module":
+        q, k, v = _attention_heads(S, H, m, d, dv, dtype)
+    elif layout == "qkv":  # the GPU test's: permuted views of one (S, m, 3·H·d) buffer
+        q, k, v = torch.empty(S, m, 3 * H * d, dtype=dtype).reshape(S, m, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        q, k, v = (_empty((S, H, m, n), dtype, layout) for n in (d, d, dv))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = tntkernels.inner_attention(q, k, v, backend="triton")
+    out.backward(torch.empty_like(out))
+
+
+def _run_inner_block(S, m, C, H, qkv_bias, drop_path, layout, x_dtype, compute):
+    import tntkernels
+    from tntkernels.ops.reference.inner_block import OPTIONAL_PARAMS, param_shapes
+
+    x = _empty((S, m, C), x_dtype, layout).requires_grad_()
+    params = {name: torch.empty(shape, dtype=x_dtype).requires_grad_() for name, shape in param_shapes(C, 4 * C).items()
+              if qkv_bias or name not in OPTIONAL_PARAMS}
+    scales = (torch.ones(S), torch.ones(S)) if drop_path else None
+    y = tntkernels.inner_block(x, params, num_heads=H, drop_path_scales=scales,
+                               compute_dtype=None if compute == x_dtype else compute, backend="triton")
+    y.backward(torch.empty_like(y))
+
+
+def _run_nested(B, H, T, d, dv, form, prev, noise, layout, dtype):
+    import tntkernels
+
+    if layout == "module":
+        q, k, v = _attention_heads(B, H, T, d, dv, dtype)
+    else:
+        q, k, v = (_empty((B, H, T, n), dtype, layout) for n in (d, d, dv))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    prev_logits = torch.zeros(B, H, T, T, dtype=dtype).requires_grad_() if prev else None
+    F = 4 * H
+    mlp = [torch.empty(shape, dtype=dtype).requires_grad_() for shape in ((F, H), (F,), (F, F), (F,), (H, F), (H,))]
+    out, z = tntkernels.nested_attention(q, k, v, prev_logits, head_mlp=mlp if form == "coda" else None,
+                                         noise=torch.zeros(B, H, T, T, dtype=dtype) if noise else None,
+                                         backend="triton")
+    torch.autograd.backward([out, z], [torch.zeros_like(out), torch.zeros_like(z)])
+
+
+def _run_hsim(lead, H, d, parts, biases, layout, dtype):
+    import tntkernels
+
+    x = _empty((*lead, H * d), dtype, layout).requires_grad_()
+    M = torch.empty(d, H, H, dtype=dtype).requires_grad_() if "m" in parts else None
+    m = torch.empty(d, H, dtype=dtype).requires_grad_() if "m" in parts and biases else None
+    A = torch.empty(H, d, d, dtype=dtype).requires_grad_() if "b" in parts else None
+    a = torch.empty(H, d, dtype=dtype).requires_grad_() if "b" in parts and biases else None
+    y = tntkernels.hsim_split_linear(x, M, m, A, a, backend="triton")
+    y.backward(torch.empty_like(y))
+
+
+# Real shapes: name -> the full arguments of the family's runner above (without the dtype; the fused
+# inner block's include its (x dtype, compute dtype) pairs). "GPU test" entries are the @gpu tests'
+# cases of tests/ops/triton/test_<family>.py (each file checks it is covered); "module" layouts are the
+# views nn.Attention passes (qk / v Linear outputs). TNT-S: inner (B·196, H 4, m 16, d 6, C 24, MLP 96),
+# outer T 197, H 6, d 64; TNT-B: inner H 4, d 10, C 40, MLP 160, outer T 197 / 577, H 10, d 64;
+# RTNT-N / -Ti: letters m 4, C 6 / 12 (d 6), words m 4, C 24 / 48 (d 12); TinT: D 768 / 3072, H 12
+# (d 64 / 256), D 3072 H 48 (d 64). Batch 64 for the models (B·196 = 12,544 sentences).
 REAL_SHAPES: dict[str, dict[str, tuple]] = {
-    "inner_attention": {  # (m, d, dv)
-        "TNT-S inner": (16, 6, 6),
-        "TNT-B inner": (16, 10, 10),
-        "RTNT letters": (4, 6, 6),
-        "RTNT words": (4, 12, 12),
-        "GPU test m 49": (49, 10, 10),
-        "GPU test m 9, dv 20": (9, 12, 20),
-        "GPU test m 64, d 64": (64, 64, 64),
-        "GPU test m 1": (1, 6, 6),
+    "inner_attention": {  # (S, H, m, d, dv, layout)
+        "TNT-S inner, batch 64": (12_544, 4, 16, 6, 6, "module"),
+        "TNT-B inner, batch 64": (12_544, 4, 16, 10, 10, "module"),
+        "RTNT letters": (64 * 64 * 4, 2, 4, 6, 6, "module"),
+        "RTNT words": (64 * 64, 4, 4, 12, 12, "module"),
+        "GPU test TNT-S inner": (75_000, 4, 16, 6, 6, "qkv"),  # the GPU test's layout: "qkv" if d == dv else "t"
+        "GPU test TNT-B inner": (300, 4, 16, 10, 10, "qkv"),
+        "GPU test m 49": (50, 3, 49, 10, 10, "qkv"),
+        "GPU test m 9, dv 20": (40, 2, 9, 12, 20, "t"),
+        "GPU test m 64, d 64": (30, 2, 64, 64, 64, "qkv"),
+        "GPU test m 1": (20, 3, 1, 6, 6, "qkv"),
     },
-    "inner_block": {  # (m, C, head_dim); hidden 4C
-        "TNT-S inner": (16, 24, 6),
-        "TNT-B inner": (16, 40, 10),
-        "RTNT-N letters": (4, 6, 6),
-        "RTNT-Ti letters": (4, 12, 6),
-        "RTNT-N words": (4, 24, 12),
-        "RTNT-Ti words": (4, 48, 12),
-        "GPU test m 49": (49, 20, 10),
-        "GPU test RTNT letters": (4, 8, 8),
+    "inner_block": {  # (S, m, C, H, qkv_bias, drop_path, layout)
+        "TNT-S inner, batch 64": (12_544, 16, 24, 4, False, True, "c"),
+        "TNT-B inner, batch 64": (12_544, 16, 40, 4, False, True, "c"),
+        "RTNT-N letters": (64 * 64 * 4, 4, 6, 1, False, True, "c"),
+        "RTNT-Ti letters": (64 * 64 * 4, 4, 12, 2, False, True, "c"),
+        "RTNT-N words": (64 * 64, 4, 24, 2, False, True, "c"),
+        "RTNT-Ti words": (64 * 64, 4, 48, 4, False, True, "c"),
+        "GPU test TNT-S, batch 64": (12_544, 16, 24, 4, False, True, "t"),
+        "GPU test TNT-B": (1_000, 16, 40, 4, True, False, "c"),
+        "GPU test m 49": (300, 49, 20, 2, False, True, "c"),
+        "GPU test RTNT letters": (2_000, 4, 8, 1, False, False, "t"),
     },
-    "nested_attention": {  # (T, d, dv, H, head-MLP used): layer 1 has no prev_logits, so no MLP
-        "Nested-TNT-S inner, layer 1": (16, 6, 6, 4, False),
-        "Nested-TNT-S inner, CODA": (16, 6, 6, 4, True),
-        "Nested-TNT-S outer, layer 1": (197, 64, 64, 6, False),
-        "Nested-TNT-S outer, CODA": (197, 64, 64, 6, True),
-        "GPU test TNT-B inner, CODA": (16, 10, 10, 4, True),
-        "GPU test H 16, d 64, CODA": (64, 64, 64, 16, True),
-        "GPU test TNT-S outer, RealFormer": (197, 64, 64, 6, False),
-        "GPU test TNT-B outer 384², CODA": (577, 64, 64, 10, True),
-        "GPU test T 49, RealFormer": (49, 10, 6, 3, False),
+    "nested_attention": {  # (B, H, T, d, dv, form, prev, noise, layout); layer 1 (no prev): no head-MLP
+        "Nested-TNT-S inner, layer 1": (12_544, 4, 16, 6, 6, "coda", False, True, "module"),
+        "Nested-TNT-S inner, CODA": (12_544, 4, 16, 6, 6, "coda", True, True, "module"),
+        "Nested-TNT-S outer, layer 1": (64, 6, 197, 64, 64, "coda", False, True, "module"),
+        "Nested-TNT-S outer, CODA": (64, 6, 197, 64, 64, "coda", True, True, "module"),
+        "GPU test TNT-S inner, batch 2": (392, 4, 16, 6, 6, "coda", True, True, "t"),
+        "GPU test TNT-S inner, batch 64": (12_544, 4, 16, 6, 6, "coda", True, False, "t"),
+        "GPU test TNT-S inner, RealFormer": (12_544, 4, 16, 6, 6, "real", True, True, "t"),
+        "GPU test first layer": (392, 4, 16, 6, 6, "coda", False, False, "c"),
+        "GPU test TNT-B inner, CODA": (300, 4, 16, 10, 10, "coda", True, False, "c"),
+        "GPU test H 16, d 64, CODA": (40, 16, 64, 64, 64, "coda", True, True, "c"),
+        "GPU test TNT-S outer, CODA": (64, 6, 197, 64, 64, "coda", True, True, "t"),
+        "GPU test TNT-S outer, RealFormer": (64, 6, 197, 64, 64, "real", True, False, "t"),
+        "GPU test TNT-B outer 384², CODA": (4, 10, 577, 64, 64, "coda", True, False, "c"),
+        "GPU test T 49, RealFormer": (50, 3, 49, 10, 6, "real", True, False, "t"),
     },
-    "hsim_split_linear": {  # (d, mix, block)
-        "TinT D 768 / 3072·H 48 (d 64), mix + block": (64, True, True),
-        "TinT D 768 (d 64), block": (64, False, True),
-        "TinT D 768 (d 64), mix": (64, True, False),
-        "TinT D 3072 (d 256), mix + block": (256, True, True),
-        "TinT D 3072 (d 256), block": (256, False, True),
-        "TinT D 3072 (d 256), mix": (256, True, False),
-        "GPU test d 48, mix + block": (48, True, True),
+    "hsim_split_linear": {  # (lead, H, d, parts, biases, layout): parts "m" mix, "b" block
+        "TinT D 768 (d 64), mix + block": ((2304,), 12, 64, "mb", True, "c"),
+        "TinT D 768 (d 64), block": ((2304,), 12, 64, "b", True, "c"),
+        "TinT D 768 (d 64), mix": ((2304,), 12, 64, "m", True, "c"),
+        "TinT D 3072 (d 256), mix + block": ((2304,), 12, 256, "mb", True, "c"),
+        "TinT D 3072 (d 256), block": ((2304,), 12, 256, "b", True, "c"),
+        "TinT D 3072 (d 256), mix": ((2304,), 12, 256, "m", True, "c"),
+        "TinT D 3072 · H 48 (d 64), mix + block": ((2304,), 48, 64, "mb", True, "c"),
+        "GPU test TinT OPT-125M": ((2304,), 12, 256, "mb", True, "c"),
+        "GPU test D 768, t": ((1280,), 12, 64, "mb", True, "t"),
+        "GPU test block, N 8192": ((8192,), 12, 64, "b", True, "c"),
+        "GPU test mix, s": ((777,), 12, 256, "m", True, "s"),
+        "GPU test d 48, no biases": ((3, 100), 5, 48, "mb", False, "c"),
     },
 }
 
@@ -228,36 +378,65 @@ REAL_SHAPES: dict[str, dict[str, tuple]] = {
 # stream, what the GPU test and bf16 mixed precision run); float16 autocast only in the sweep
 INNER_BLOCK_DTYPES = ((torch.float32, torch.float32), (torch.float16, torch.float16),
                       (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16))
+# Which dtypes and architectures each real shape is compiled for: a "GPU test" shape in every dtype the
+# test runs, for sm_90 (the H100 / H200 the GPU tests run on); a model shape in what training runs
+# (float32, bfloat16; the fused block also under bfloat16 autocast), for sm_80 and sm_90. (Every
+# specialisation is its own compile: the set is kept to what runs, to keep CI's AOT step to minutes.)
+MODEL_DTYPES = ((torch.float32,), (torch.bfloat16,))
+MODEL_BLOCK_DTYPES = ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                      (torch.float32, torch.bfloat16))
 
 
-def launches(family: str, shape: tuple) -> list[tuple[str, dict, str, int]]:
-    """(kernel, constexprs, dtype label, num_warps) the launchers use for one real shape, every dtype."""
-    out = []
-    if family == "inner_attention":
-        for dtype in DTYPES:
-            out += _inner_attention_kernels(*shape, dtype)
-    elif family == "inner_block":
-        for x, compute in INNER_BLOCK_DTYPES:
-            out += _inner_block_kernels(*shape, x, compute)
-    elif family == "nested_attention":
-        for dtype in DTYPES:
-            out += _nested_kernels(*shape, dtype)
-    else:
-        for dtype in DTYPES:
-            out += _hsim_kernels(*shape, dtype)
-    return out
+def _plan(family: str, name: str) -> tuple[tuple, tuple[int, ...]]:
+    """(dtype tuples, archs) a real shape is compiled for."""
+    if name.startswith("GPU test"):
+        return (INNER_BLOCK_DTYPES if family == "inner_block" else [(dt,) for dt in DTYPES]), (90,)
+    return (MODEL_BLOCK_DTYPES if family == "inner_block" else MODEL_DTYPES), ARCHS
+_RUNNERS = {"inner_attention": _run_inner_attention, "inner_block": _run_inner_block,
+            "nested_attention": _run_nested, "hsim_split_linear": _run_hsim}
+
+
+NOT_LAUNCHED: dict[tuple[str, str, int], str] = {}  # (family, real shape + dtype, arch) -> the fit check's refusal
+
+
+def run_shape(family: str, shape: tuple, name: str = "") -> list[Job]:
+    """The jobs one real shape launches (forward + backward through the public op) in the dtypes and
+    on the architectures of its `_plan`; a dtype whose configuration the fit check refuses there
+    (shared memory) launches nothing (recorded in NOT_LAUNCHED)."""
+    jobs = []
+    dtypes, archs = _plan(family, name)
+    for arch in archs:
+        launches: list = []
+        with capture_launches(arch, launches):
+            for dts in dtypes:
+                try:
+                    _RUNNERS[family](*shape, *dts)
+                except ValueError as refused:
+                    NOT_LAUNCHED[(family, f"{name} {'+'.join(TRITON_TYPES[d] for d in dict.fromkeys(dts))}", arch)] = \
+                        str(refused)
+        jobs += _jobs_of(family, arch, launches)
+    return jobs
+
+
+_DEFAULT: dict[str, dict[Job, list[str]]] = {}
 
 
 def default_jobs(family: str) -> dict[Job, list[str]]:
-    """The default AOT set of one family: job -> the real shapes that launch it (deduplicated)."""
-    jobs: dict[Job, list[str]] = {}
-    for name, shape in REAL_SHAPES[family].items():
-        for kernel, constexprs, dtype, warps in launches(family, shape):
-            for arch in ARCHS:
-                users = jobs.setdefault(_job(family, kernel, constexprs, dtype, warps, arch), [])
+    """The default AOT set of one family: job -> the real shapes that launch it (deduplicated), as
+    the JIT specialises them (`capture_launches`); computed once per process."""
+    from tntkernels import _backend
+
+    if _backend.triton_interpret():
+        raise RuntimeError("aot.default_jobs captures launches: it needs Triton's compiler mode, not TRITON_INTERPRET=1")
+    if family not in _DEFAULT:
+        jobs: dict[Job, list[str]] = {}
+        for name, shape in REAL_SHAPES[family].items():
+            for job in run_shape(family, shape, name):
+                users = jobs.setdefault(job, [])
                 if name not in users:
                     users.append(name)
-    return jobs
+        _DEFAULT[family] = jobs
+    return _DEFAULT[family]
 
 
 def every_job(family: str) -> list[Job]:
@@ -315,6 +494,22 @@ class Resources:
 
 def over_limit(job: Job, res: Resources) -> bool:
     return res.shared > SHARED_LIMIT[job.arch]
+
+
+def by_config(pairs) -> dict[tuple, Resources]:
+    """(job, resources) pairs merged per (family, kernel, config, dtype, arch), over the runtime
+    specialisations of that configuration: the most shared memory, registers, spills and local memory
+    (None stays None: a kernel over the limit is not built to the cubin)."""
+    out: dict[tuple, Resources] = {}
+
+    def most(a, b):
+        return b if a is None else a if b is None else max(a, b)
+    for job, res in pairs:
+        old = out.get(job.key)
+        out[job.key] = res if old is None else dataclasses.replace(
+            old, shared=max(old.shared, res.shared), n_regs=most(old.n_regs, res.n_regs),
+            n_spills=most(old.n_spills, res.n_spills), local_bytes=most(old.local_bytes, res.local_bytes))
+    return out
 
 
 _RESOURCE_LINE = re.compile(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
@@ -376,14 +571,25 @@ def compile_job(job: Job, cubin: bool = False) -> Resources:
 
     start = _cpu_seconds()
     kernel = getattr(_module(job.family), job.kernel)
-    constexprs = dict(job.constexprs)
-    types = job.types()
-    signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in kernel.arg_names}
-    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    if job.spec:  # exactly what the JIT compiles for the captured launch
+        sig, consts, div16, opts = job.spec
+        source = triton.compiler.ASTSource(
+            fn=kernel, signature=dict(sig), constexprs={path: value for path, value in consts},
+            attrs={path: [["tt.divisibility", 16]] for path in div16})
+        options = dict(opts)
+    else:
+        constexprs = dict(job.constexprs)
+        types = job.types()
+        signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in kernel.arg_names}
+        source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        options = {"num_warps": job.warps}
+        stages = getattr(_module(job.family), "NUM_STAGES", None)  # as the launchers pass it
+        if stages is not None:
+            options["num_stages"] = stages
     hook = knobs.runtime.add_stages_inspection_hook
     knobs.runtime.add_stages_inspection_hook = None if cubin else _stop_over_limit
     try:
-        compiled = triton.compile(source, target=GPUTarget("cuda", job.arch, 32), options={"num_warps": job.warps})
+        compiled = triton.compile(source, target=GPUTarget("cuda", job.arch, 32), options=options)
     except _OverLimit as over:
         return Resources(shared=over.shared, n_regs=None, n_spills=None, local_bytes=None, ptx_bytes=None,
                          cubin_bytes=None, cpu_s=round(_cpu_seconds() - start, 2))
@@ -462,55 +668,9 @@ def report_sweep(jobs: list[Job], results: list[Resources], seconds: float) -> N
 # Known configurations over the shared-memory limit
 # ---------------------------------------------------------------------------------------------
 
-def _known(family: str, kernel: str, constexprs: dict, warps: int, where: dict[str, tuple[int, ...]],
-           reason: str) -> dict[tuple[str, str, str, str, int], str]:
-    """KNOWN_OVER_LIMIT entries of one kernel configuration: where = dtype -> the archs it exceeds."""
-    job = _job(family, kernel, constexprs, "fp32", warps, 80)
-    return {(family, kernel, job.config, dtype, arch): reason for dtype, archs in where.items() for arch in archs}
-
-
-_NESTED = dict(BLOCK_I=16, BLOCK_J=16)
-_SLOPE = dict(SLOPE=importlib.import_module("tntkernels.ops.reference.nested_attention").LEAKY_SLOPE)
-_BOTH, _SM80 = (80, 90), (80,)
-_16BIT = ("fp16", "bf16")
-
 # The default-set kernels whose shared memory exceeds SHARED_LIMIT today (docs/triton-resources.md
 # has the bytes); fixing the kernels removes their entries. Checked exactly by test_resources.py.
 KNOWN_OVER_LIMIT: dict[tuple[str, str, str, str, int], str] = {
-    **_known("inner_block", "_inner_block_bwd_kernel", dict(BLOCK_R=32, BLOCK_C=64, BLOCK_D=16, BLOCK_F=256), 8,
-             {"fp32": _BOTH, **{dt: _SM80 for dt in ("fp16", "bf16", "fp32+bf16")}},
-             "inner_block TNT-B backward (C 40 -> BLOCK_C 64, BLOCK_F 256; also RTNT-Ti words): 286,720 B in "
-             "fp32 (> both limits), 196,608 B with 16-bit compute (> sm_80's 166,912 B)"),
-    **_known("nested_attention", "_nested_attention_fwd_kernel", dict(BLOCK_H=16, **_NESTED, BLOCK_D=64, BLOCK_F=64, **_SLOPE),
-             8, {"fp32": _BOTH},
-             "nested attention, H > 8 with the CODA head-MLP (BLOCK_H 16, BLOCK_F 64) at d 64, fp32: 483,328 B"),
-    **_known("nested_attention", "_nested_attention_bwd_q_kernel", dict(BLOCK_H=16, **_NESTED, BLOCK_D=64, BLOCK_F=64, **_SLOPE),
-             8, {"fp32": _BOTH, **{dt: _BOTH for dt in _16BIT}},
-             "nested attention backward, H > 8 with the CODA head-MLP (BLOCK_H 16, BLOCK_F 64) at d 64: 729,088 B "
-             "in fp32, 294,912 B in 16-bit (> both limits)"),
-    **_known("nested_attention", "_nested_attention_bwd_kv_kernel", dict(BLOCK_H=16, **_NESTED, BLOCK_D=64, BLOCK_F=64, **_SLOPE),
-             8, {"fp32": _BOTH, **{dt: _SM80 for dt in _16BIT}},
-             "nested attention key-tile backward, H > 8 with the CODA head-MLP at d 64: 550,912 B in fp32, "
-             "223,232 B in 16-bit (> sm_80's limit)"),
-    **_known("nested_attention", "_nested_attention_fwd_kernel", dict(BLOCK_H=8, **_NESTED, BLOCK_D=64, BLOCK_F=0, **_SLOPE), 8,
-             {"fp32": _SM80},
-             "nested attention at d 64 in fp32 (Nested-TNT-S outer, layer 1 / RealFormer): 229,376 B "
-             "(> sm_80's limit)"),
-    **_known("nested_attention", "_nested_attention_bwd_q_kernel", dict(BLOCK_H=8, **_NESTED, BLOCK_D=64, BLOCK_F=0, **_SLOPE),
-             8, {"fp32": _BOTH},
-             "nested attention backward at d 64 in fp32 (Nested-TNT-S outer, layer 1 / RealFormer): 278,528 B"),
-    **_known("nested_attention", "_nested_attention_bwd_kv_kernel", dict(BLOCK_H=8, **_NESTED, BLOCK_D=64, BLOCK_F=0, **_SLOPE),
-             8, {"fp32": _BOTH},
-             "nested attention key-tile backward at d 64 in fp32 (Nested-TNT-S outer, layer 1 / RealFormer): "
-             "238,592 B"),
-    **_known("nested_attention", "_nested_attention_fwd_kernel", dict(BLOCK_H=8, **_NESTED, BLOCK_D=64, BLOCK_F=32, **_SLOPE),
-             8, {"fp32": _BOTH},
-             "nested attention at d 64 in fp32 with the CODA head-MLP (Nested-TNT-S outer): 235,520 B"),
-    **_known("nested_attention", "_nested_attention_bwd_q_kernel", dict(BLOCK_H=8, **_NESTED, BLOCK_D=64, BLOCK_F=32, **_SLOPE),
-             8, {"fp32": _BOTH},
-             "nested attention backward at d 64 in fp32 with the CODA head-MLP (Nested-TNT-S outer): 358,400 B"),
-    **_known("nested_attention", "_nested_attention_bwd_kv_kernel", dict(BLOCK_H=8, **_NESTED, BLOCK_D=64, BLOCK_F=32, **_SLOPE),
-             8, {"fp32": _BOTH},
-             "nested attention key-tile backward at d 64 in fp32 with the CODA head-MLP (Nested-TNT-S outer): "
-             "269,312 B"),
+    # none: the configurations over a limit are refused by the dispatcher on that architecture (the
+    # nested and fused-block modules' SHARED_KB) and routed elsewhere, so the default set holds none
 }

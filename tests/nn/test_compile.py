@@ -3,8 +3,8 @@
 fullgraph=True turns any graph break into an error, so each test fails on a break. The
 "aot_eager" backend traces the forward and the backward through AOTAutograd (fake kernels and
 registered autograd of our custom ops included) without generating code; outputs and gradients
-must equal eager mode's. Every backend that runs on CPU here is covered ("reference", and "cpu"
-when the C++ extension is built).
+must equal eager mode's. Every backend that runs on CPU here is covered ("reference", "cpu" when
+the C++ extension is built, and the modules on "triton" in the TRITON_INTERPRET=1 session).
 """
 import pytest
 import torch
@@ -14,6 +14,8 @@ from tntkernels.models import create_model
 from tntkernels.nn import Attention, HsimSplitLinear, NestedAttention, NestedTNTBlock, TNTBlock
 
 BACKENDS = ["reference"] + (["cpu"] if _backend.cpp_available() else [])
+# the Triton kernels on CPU tensors run in the TRITON_INTERPRET=1 session (tests/conftest.py)
+WITH_TRITON = BACKENDS + [pytest.param("triton", marks=pytest.mark.interpreter)]
 
 
 def _check(module, *inputs, atol=1e-5):
@@ -37,7 +39,7 @@ def _check(module, *inputs, atol=1e-5):
             assert torch.allclose(a, b, atol=atol), (a - b).abs().max()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", WITH_TRITON)
 def test_modules_compile_fullgraph(backend):
     torch.manual_seed(0)
     x = torch.randn(6, 16, 24)

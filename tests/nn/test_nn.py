@@ -72,3 +72,54 @@ def test_python_m_tntkernels_reports_backends():
         assert name in out
     expect = "C++ CPU   : available" if _backend.cpp_available() else "C++ CPU   : unavailable"
     assert expect in out
+
+
+def test_attention_route():
+    """Long sequences and shapes the named kernel does not cover go to SDPA; the rest to the kernel."""
+    from tntkernels.nn.attention import MAX_KERNEL_TOKENS, attention_route
+
+    short, long = torch.zeros(2, 4, 16, 6), torch.zeros(2, 6, MAX_KERNEL_TOKENS + 133, 64)
+    assert attention_route("reference", long, long) == "reference"
+    for backend in (None, "cpu", "cuda", "triton"):
+        assert attention_route(backend, long, long) == "sdpa"
+    assert attention_route(None, short, short) is None
+    assert attention_route("cpu", short, short) == "cpu"
+    assert attention_route("triton", short, short) == "triton"
+    assert attention_route("triton", short.double(), short.double()) == "sdpa"  # no float64 Triton kernel
+    wide = torch.zeros(2, 1, 16, 96)
+    assert attention_route("cuda", wide, wide) == "sdpa"  # the CUDA kernel stops at head_dim 64
+    assert attention_route("triton", wide, wide) == "sdpa"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_outer_attention_197_tokens_matches_timm(backend):
+    """TNT-S's outer attention (197 tokens, 6 heads of 64) runs on every backend via SDPA."""
+    torch.manual_seed(0)
+    theirs = timm_tnt.Attention(384, 384, num_heads=6)
+    ours = Attention(384, 384, num_heads=6, backend=backend)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 197, 384)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    a, b = ours(x1), theirs(x2)
+    torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_nested_route(monkeypatch):
+    """NestedAttention: a shape the named kernel does not cover falls back to Triton, else the reference."""
+    from tntkernels.nn import nested_attention as mod
+
+    outer, huge = torch.zeros(2, 6, 197, 64), torch.zeros(1, 2, 2000, 8)
+    inner = torch.zeros(2, 4, 16, 6)
+    assert mod.nested_route(None, outer, outer) is None
+    assert mod.nested_route("reference", outer, outer) == "reference"
+    with pytest.raises(RuntimeError, match="not available"):  # a device the backend cannot run on is not rerouted
+        mod.nested_attention(outer, outer, outer, backend=mod.nested_route("cuda", outer, outer))
+    monkeypatch.setattr(mod._backend, "why_unavailable", lambda backend, device: None)  # as if on a GPU
+    assert mod.nested_route("cuda", inner, inner) == "cuda"
+    assert mod.nested_route("cuda", outer, outer) == "triton"  # the CUDA C++ kernels stop at 64 tokens
+    assert mod.nested_route("cuda", huge, huge) == "reference"  # beyond the Triton kernels' 1024 tokens
+    assert mod.nested_route("triton", huge, huge) == "reference"
+    assert mod.nested_route("triton", outer, outer) == "triton"

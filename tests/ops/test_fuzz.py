@@ -56,8 +56,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, example, given, settings
-from hypothesis import strategies as st
+
+pytest.importorskip("hypothesis")  # a machine without it (the GPU machine may lack it) skips, never aborts collection
+from hypothesis import HealthCheck, assume, example, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from helpers.oracle import assert_2x_pytorch
 from tntkernels import _backend
@@ -150,9 +152,9 @@ def layouts(draw, ndim: int):
     return Layout(perm, sdim, step, offset, edim)
 
 
-def make_tensor(gen, shape, dtype, mag, layout: Layout, poison=None, grad=True, shift=0.0, post=None):
-    """(view, values): `view` is laid out as `layout` (requires grad when `grad`), `values` the same
-    numbers (shift + mag · N(0, 1) in dtype), contiguous and detached. poison = (flat index, value)
+def make_tensor(gen, shape, dtype, mag, layout: Layout, poison=None, grad=True, shift=0.0, post=None, device="cpu"):
+    """(view, values): `view` is laid out as `layout` on `device` (requires grad when `grad`), `values`
+    the same numbers (shift + mag · N(0, 1) in dtype), contiguous, detached, on the CPU. poison = (flat index, value)
     puts value into one stored element (with a broadcast dim, into every element of its line);
     post(stored values) -> stored values runs last."""
     n = len(shape)
@@ -168,7 +170,7 @@ def make_tensor(gen, shape, dtype, mag, layout: Layout, poison=None, grad=True, 
     big = list(store)
     if layout.sdim >= 0:
         big[layout.sdim] = store[layout.sdim] * layout.step + layout.offset
-    buf = torch.full([big[p] for p in perm], float("nan"), dtype=dtype)  # elements outside the view: NaN
+    buf = torch.full([big[p] for p in perm], float("nan"), dtype=dtype, device=device)  # outside the view: NaN
     inv = [perm.index(i) for i in range(n)]
 
     def core(b):
@@ -187,6 +189,18 @@ def make_tensor(gen, shape, dtype, mag, layout: Layout, poison=None, grad=True, 
     if layout.edim >= 0:
         view = view.expand(shape)
     return view, vals.expand(shape).contiguous()
+
+
+def device_of(backend: str) -> str:
+    """Where a backend's fuzz inputs live: CUDA for "cuda", and for "triton" outside the interpreter."""
+    return "cuda" if backend == "cuda" or (backend == "triton" and not INTERPRET) else "cpu"
+
+
+def to_cpu(x):
+    """x (a tensor, None, or nested tuples / lists of them) on the CPU, for comparison with the references."""
+    if isinstance(x, (tuple, list)):
+        return type(x)(to_cpu(t) for t in x)
+    return x.cpu() if isinstance(x, torch.Tensor) else x
 
 
 def amax(t: torch.Tensor) -> float:
@@ -335,13 +349,14 @@ def run_inner_attention(case: AttnCase, backend: str):
     gen = torch.Generator().manual_seed(c.seed)
     shapes = [(c.S, c.H, c.m, c.d)] * 2 + [(c.S, c.H, c.m, c.dv)]
     mags = (c.mag_qk, c.mag_qk, c.mag_v)
+    dev = device_of(backend)
     ins = [make_tensor(gen, shp, c.dtype, mag, lay, poison=(c.poison[1:] if c.poison and c.poison[0] == i else None),
-                       shift=c.v_shift if i == 2 else 0.0)
+                       shift=c.v_shift if i == 2 else 0.0, device=dev)
            for i, (shp, mag, lay) in enumerate(zip(shapes, mags, c.layouts))]
-    g, g0 = make_tensor(gen, shapes[2], c.dtype, 1.0, c.layouts[3], grad=False)
+    g, g0 = make_tensor(gen, shapes[2], c.dtype, 1.0, c.layouts[3], grad=False, device=dev)
     views, vals = [t[0] for t in ins], [t[1] for t in ins]
     ours = inner_attention(*views, scale=c.scale, backend=backend)
-    ours_g = grads(ours, views, g)
+    ours, ours_g = to_cpu((ours, grads(ours, views, g)))
     low_in = [t.clone().requires_grad_() for t in vals]
     low = inner_attention_ref(*low_in, c.scale)
     low_g = grads(low, low_in, g0)
@@ -516,6 +531,7 @@ def run_nested(case: NestedCase, backend: str):
         return t.masked_fill(drop, float("-inf"))
 
     views, vals = {}, {}
+    dev = device_of(backend)
     for i, (name, (shape, mag, on)) in enumerate(spec.items()):
         if not on:
             views[name] = vals[name] = None
@@ -523,9 +539,9 @@ def run_nested(case: NestedCase, backend: str):
         poison = c.poison[1:] if c.poison and c.poison[0] == i else None
         views[name], vals[name] = make_tensor(gen, shape, c.dtype, mag, c.layouts[i], poison=poison,
                                               grad=name != "noise", shift=c.v_shift if name == "v" else 0.0,
-                                              post=mask if name == "prev_logits" and c.mask > 0 else None)
-    g_out, g_out0 = make_tensor(gen, (B, H, T, c.dv), c.dtype, 1.0, c.layouts[11], grad=False)
-    g_z, g_z0 = make_tensor(gen, (B, H, T, T), c.dtype, 0.5, c.layouts[12], grad=False)
+                                              post=mask if name == "prev_logits" and c.mask > 0 else None, device=dev)
+    g_out, g_out0 = make_tensor(gen, (B, H, T, c.dv), c.dtype, 1.0, c.layouts[11], grad=False, device=dev)
+    g_z, g_z0 = make_tensor(gen, (B, H, T, T), c.dtype, 0.5, c.layouts[12], grad=False, device=dev)
     leaf_names = ["q", "k", "v"] + (["prev_logits"] if has_prev else []) + (list(MLP_NAMES) if has_mlp else [])
 
     def run(fn, ts, go, gz):
@@ -534,8 +550,8 @@ def run_nested(case: NestedCase, backend: str):
         outs, gouts = ([out, z], [go, gz]) if c.grad_z else ([out], [go])
         return out, z, grads(outs, [ts[n] for n in leaf_names], gouts)
 
-    ours = run(lambda q, k, v, p, mlp, nz: nested_attention(q, k, v, p, head_mlp=mlp, noise=nz, scale=c.scale,
-                                                            backend=backend), views, g_out, g_z)
+    ours = to_cpu(run(lambda q, k, v, p, mlp, nz: nested_attention(q, k, v, p, head_mlp=mlp, noise=nz, scale=c.scale,
+                                                                   backend=backend), views, g_out, g_z))
     low_in = {n: (t.clone().requires_grad_(n in leaf_names) if t is not None else None) for n, t in vals.items()}
     low = run(lambda *a: nested_attention_ref(*a, scale=c.scale), low_in, g_out0, g_z0)
     ex_in = {n: (t.double().requires_grad_(n in leaf_names) if t is not None else None) for n, t in vals.items()}
@@ -720,22 +736,23 @@ def run_hsim(case: HsimCase, backend: str):
             ((d, H), 0.5 * c.mag_w, c.parts[1]), ((H, d, d), c.mag_w * d ** -0.5, c.parts[2]),
             ((H, d), 0.5 * c.mag_w, c.parts[3])]
     views, vals = [], []
+    dev = device_of(backend)
     for i, (shape, mag, on) in enumerate(spec):
         if not on:
             views.append(None)
             vals.append(None)
             continue
         view, val = make_tensor(gen, shape, c.dtype, mag, c.layouts[i],
-                                poison=c.poison[1:] if c.poison and c.poison[0] == i else None)
+                                poison=c.poison[1:] if c.poison and c.poison[0] == i else None, device=dev)
         views.append(view)
         vals.append(val)
-    gy, gy0 = make_tensor(gen, spec[0][0], c.dtype, 1.0, c.layouts[5], grad=False)
+    gy, gy0 = make_tensor(gen, spec[0][0], c.dtype, 1.0, c.layouts[5], grad=False, device=dev)
 
     def run(fn, ts, g):
         y = fn(*ts)
         return y, grads(y, [t for t in ts if t is not None], g)
 
-    ours = run(lambda *a: hsim_split_linear(*a, backend=backend), views, gy)
+    ours = to_cpu(run(lambda *a: hsim_split_linear(*a, backend=backend), views, gy))
     low = run(hsim_split_linear_ref, [t.clone().requires_grad_() if t is not None else None for t in vals], gy0)
     exact = run(hsim_split_linear_ref, [t.double().requires_grad_() if t is not None else None for t in vals],
                 gy0.double())
@@ -881,6 +898,7 @@ def run_block(case: BlockCase, backend: str):
     gen = torch.Generator().manual_seed(c.seed)
     C = c.H * c.head_dim
     names, views, vals = [], [], []
+    dev = device_of(backend)
     shapes = {"x": (c.S, c.m, C), **ib.param_shapes(C, c.hidden)}
     for i, name in enumerate(BLOCK_INPUTS):
         if name in ib.OPTIONAL_PARAMS and not c.qkv_bias:
@@ -892,11 +910,11 @@ def run_block(case: BlockCase, backend: str):
             shift = 1.0 if is_ln_weight else 0.0
             mag = c.mag_w * (shape[1] ** -0.5 if len(shape) == 2 else 0.1)
         view, val = make_tensor(gen, shape, c.dtype, mag, c.layouts[i], shift=shift,
-                                poison=c.poison[1:] if c.poison and c.poison[0] == i else None)
+                                poison=c.poison[1:] if c.poison and c.poison[0] == i else None, device=dev)
         names.append(name)
         views.append(view)
         vals.append(val)
-    gy, gy0 = make_tensor(gen, shapes["x"], c.dtype, 1.0, c.layouts[-1], grad=False)
+    gy, gy0 = make_tensor(gen, shapes["x"], c.dtype, 1.0, c.layouts[-1], grad=False, device=dev)
     scales = None
     if c.drop_path == "mask":
         scales = tuple((torch.rand(c.S, generator=gen) < 0.75).float() / 0.75 for _ in range(2))
@@ -904,11 +922,12 @@ def run_block(case: BlockCase, backend: str):
         scales = tuple(torch.rand(c.S, generator=gen) * 2 for _ in range(2))
 
     def run(ts, g, **kw):
-        y = inner_block(ts[0], dict(zip(names[1:], ts[1:])), num_heads=c.H, eps=c.eps, drop_path_scales=scales, **kw)
+        on = None if scales is None else tuple(t.to(ts[0].device) for t in scales)
+        y = inner_block(ts[0], dict(zip(names[1:], ts[1:])), num_heads=c.H, eps=c.eps, drop_path_scales=on, **kw)
         return y, grads(y, ts, g)
 
     compute = c.compute if c.compute != c.dtype else None
-    ours = run(views, gy, compute_dtype=compute, backend=backend)
+    ours = to_cpu(run(views, gy, compute_dtype=compute, backend=backend))
     low = run([t.clone().requires_grad_() for t in vals], gy0, compute_dtype=compute, backend="reference")
     ex_in = [t.double().requires_grad_() for t in vals]
     ex_y = inner_block_ref(ex_in[0], dict(zip(names[1:], ex_in[1:])), num_heads=c.H, eps=c.eps,
@@ -1006,3 +1025,129 @@ def test_triton_inner_block_nan_stays_in_its_sentence(request):
     assert torch.isfinite(ex_y[1]).all() and torch.isfinite(ex_dx[1]).all()
     assert torch.isfinite(y[1]).all(), f"sentence 1: y {y[1].tolist()} (reference {ex_y[1].tolist()})"
     assert torch.isfinite(dx[1]).all(), f"sentence 1: dx {dx[1].flatten().tolist()}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU backends ("cuda": CUDA C++; "triton": compiled Triton) on CUDA tensors, bfloat16 included
+# ---------------------------------------------------------------------------------------------
+
+GPU_BACKENDS = [pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.cuda_ext]),
+                pytest.param("triton", marks=[pytest.mark.gpu, pytest.mark.triton])]
+GPU_DTYPES = (F32, F16, BF16)  # neither GPU backend takes float64
+GPU_EXAMPLES = 10  # each new shape is a new Triton compile: GPU time is short
+GPU_NAN_EXAMPLES = 6
+GPU_EMPTY_EXAMPLES = 2
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@fuzz_settings(GPU_EXAMPLES)
+@given(data=st.data())
+def test_gpu_inner_attention(request, backend, data):
+    check_inner_attention(data.draw(attention_cases(GPU_DTYPES, max_m=64, max_d=64)), backend)
+    count(request)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@fuzz_settings(GPU_NAN_EXAMPLES)
+@given(data=st.data())
+def test_gpu_inner_attention_nan_inf(request, backend, data):
+    check_inner_attention_special(data.draw(attention_cases(GPU_DTYPES, max_S=3, max_m=20, max_d=20, special=True)),
+                                  backend)
+    count(request)
+
+
+@pytest.mark.gpu
+@pytest.mark.cuda_ext
+def test_cuda_inner_attention_minus_inf_first_key(request):
+    """A −inf logit at key 0 (q·k = −inf) once made the CUDA forward's online softmax NaN for the whole
+    row (exp(−inf − (−inf))); the reference and the other backends give a finite row."""
+    count(request)
+    q = torch.ones(1, 1, 3, 2, device="cuda")
+    k = torch.ones(1, 1, 3, 2, device="cuda")
+    k[0, 0, 0, 0] = float("-inf")
+    v = torch.randn(1, 1, 3, 2, device="cuda")
+    out = inner_attention(q, k, v, backend="cuda")
+    want = inner_attention_ref(q.cpu().double(), k.cpu().double(), v.cpu().double())
+    assert torch.isfinite(want).all()
+    torch.testing.assert_close(out.cpu().double(), want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@fuzz_settings(GPU_EMPTY_EXAMPLES)
+@given(data=st.data())
+def test_gpu_inner_attention_empty(request, backend, data):
+    check_inner_attention_empty(data.draw(attention_cases(GPU_DTYPES, max_m=64, max_d=64, S=0)), backend)
+    count(request)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@fuzz_settings(GPU_EXAMPLES)
+@given(data=st.data())
+def test_gpu_nested_attention(request, backend, data):
+    case = data.draw(nested_cases(GPU_DTYPES, max_B=2, max_H=16, max_T=34, max_d=64))
+    if backend == "triton":  # configurations over this device's shared memory are refused (their own test)
+        from tntkernels.ops.triton import nested_attention as nat
+
+        q = torch.empty(case.B, case.H, case.T, case.d, dtype=case.dtype, device="cuda")
+        v = torch.empty(case.B, case.H, case.T, case.dv, dtype=case.dtype, device="cuda")
+        assume(nat.unsupported(q, v, case.form == "coda") is None)
+    check_nested(case, backend)
+    count(request)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@fuzz_settings(GPU_NAN_EXAMPLES)
+@given(data=st.data())
+def test_gpu_nested_attention_nan_inf(request, backend, data):
+    check_nested_special(data.draw(nested_cases(GPU_DTYPES, max_B=2, max_T=20, max_d=16, special=True)), backend)
+    count(request)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@fuzz_settings(GPU_EMPTY_EXAMPLES)
+@given(data=st.data())
+def test_gpu_nested_attention_empty(request, backend, data):
+    check_nested_empty(data.draw(nested_cases(GPU_DTYPES, max_H=16, max_d=64, B=0)), backend)
+    count(request)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@fuzz_settings(GPU_EXAMPLES)
+@given(data=st.data())
+def test_gpu_hsim_split_linear(request, backend, data):
+    check_hsim(data.draw(hsim_cases(GPU_DTYPES, max_H=5, max_d=40, max_N=40)), backend)
+    count(request)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@fuzz_settings(GPU_NAN_EXAMPLES)
+@given(data=st.data())
+def test_gpu_hsim_split_linear_nan_inf(request, backend, data):
+    check_hsim_special(data.draw(hsim_cases(GPU_DTYPES, max_H=4, max_N=12, max_d=16, special=True)), backend)
+    count(request)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@fuzz_settings(GPU_EMPTY_EXAMPLES)
+@given(data=st.data())
+def test_gpu_hsim_split_linear_empty(request, backend, data):
+    check_hsim_empty(data.draw(hsim_cases(GPU_DTYPES, empty=True)), backend)
+    count(request)
+
+
+@pytest.mark.gpu
+@pytest.mark.triton
+@fuzz_settings(GPU_EXAMPLES)
+@given(case=block_cases(BLOCK_DTYPES))
+def test_gpu_triton_inner_block(request, case):
+    check_block(case, "triton")
+    count(request)
+
+
+@pytest.mark.gpu
+@pytest.mark.triton
+@fuzz_settings(GPU_NAN_EXAMPLES)
+@given(case=block_cases(BLOCK_DTYPES, max_m=12, max_hd=8, special=True))
+def test_gpu_triton_inner_block_nan_inf(request, case):
+    check_block_special(case, "triton")
+    count(request)

@@ -184,6 +184,7 @@ def test_compiled_op_checks_inputs_directly():
 
 
 @pytest.mark.gpu
+@pytest.mark.cuda_ext
 @pytest.mark.parametrize("dtype,floor", [(torch.float32, 1e-5), (torch.float16, 1e-3), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("shape", SHAPES + [(70_000, 1, 16, 6, 6)])
 def test_cuda_op_2x_rule(shape, dtype, floor):

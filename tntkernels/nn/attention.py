@@ -3,9 +3,34 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from ..ops import registry
 from ..ops.inner_attention import inner_attention, inner_attention_ref
 from ._checks import check_backend, check_is_tensor, check_positive_int
+
+# The longest sequence nn.Attention gives to the package's attention kernels. They are built for the
+# inner level of TNT (16 words per sentence) and RTNT (4 letters per word): many short sequences with
+# a tiny head_dim. Longer sequences (TNT's outer level: 197 or 577 sentence tokens, head_dim 64) are
+# FlashAttention's home ground, and go to F.scaled_dot_product_attention.
+MAX_KERNEL_TOKENS = 64
+
+
+def attention_route(backend: str | None, q: torch.Tensor, v: torch.Tensor) -> str | None:
+    """What `Attention` runs for q (B, H, N, d), v (B, H, N, dv) when asked for `backend`.
+
+    Returns "reference" (asked for), "sdpa" (`F.scaled_dot_product_attention`: N > MAX_KERNEL_TOKENS,
+    or the named kernel backend does not cover the shape or dtype, e.g. "triton" with head_dim > 64
+    or float64), else `backend` itself for `tntkernels.inner_attention` (None: the registry's choice).
+    A named backend that cannot run on q's device at all is not rerouted: inner_attention raises.
+    """
+    if backend == "reference":
+        return "reference"
+    if q.shape[-2] > MAX_KERNEL_TOKENS:
+        return "sdpa"
+    if backend is not None and registry.OPS["inner_attention"].unsupported.get(backend, lambda *a: None)(q, v):
+        return "sdpa"
+    return backend
 
 
 class Attention(nn.Module):
@@ -19,7 +44,10 @@ class Attention(nn.Module):
         attn_drop: dropout on the attention probabilities; when > 0 and training, the reference
             path runs (our kernels have no dropout).
         proj_drop: dropout after `proj`.
-        backend: forwarded to `tntkernels.inner_attention` (None = best available).
+        backend: forwarded to `tntkernels.inner_attention` (None = best available), per call, for
+            sequences of at most MAX_KERNEL_TOKENS (64) tokens that the backend covers; longer
+            sequences (TNT's outer level) and shapes the named kernel does not cover run
+            `F.scaled_dot_product_attention` (`attention_route`). "reference" always runs the reference.
     Shapes:
         forward(x): x (B, N, C) → (B, N, C), x's dtype. For TNT's inner level B = batch × sentences,
         N = words; for the outer level B = batch, N = sentences + 1.
@@ -76,8 +104,12 @@ class Attention(nn.Module):
         if self.training and self.attn_drop.p > 0:
             attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)  # (B, H, N, N)
             out = self.attn_drop(attn) @ v
-        elif self.backend == "reference":
-            out = inner_attention_ref(q, k, v, self.scale)
         else:
-            out = inner_attention(q, k, v, scale=self.scale, backend=self.backend)  # (B, H, N, C/H)
+            route = attention_route(self.backend, q, v)
+            if route == "reference":
+                out = inner_attention_ref(q, k, v, self.scale)
+            elif route == "sdpa":
+                out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+            else:
+                out = inner_attention(q, k, v, scale=self.scale, backend=route)  # (B, H, N, C/H)
         return self._merge_heads(out)

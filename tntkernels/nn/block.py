@@ -60,7 +60,7 @@ def fused_inner_sublayer(x: torch.Tensor, norm1: nn.Module, attn: nn.Module, nor
         compute = torch.get_autocast_dtype(x.device.type)
         if compute != x.dtype and x.dtype != torch.float32:
             return None
-    if not fused_available(x, C, mlp.fc1.out_features, attn.num_heads, attn.backend):
+    if not fused_available(x, C, mlp.fc1.out_features, attn.num_heads, attn.backend, compute):
         return None
     params = {
         "norm_in.weight": norm1.weight, "norm_in.bias": norm1.bias,

@@ -6,9 +6,29 @@ import math
 import torch
 import torch.nn as nn
 
+from .. import _backend
+from ..ops import registry
 from ..ops.nested_attention import nested_attention, nested_attention_ref
 from ._checks import check_is_tensor, check_positive_int
 from .attention import Attention
+
+
+def nested_route(backend: str | None, q: torch.Tensor, v: torch.Tensor, has_mlp: bool = True) -> str | None:
+    """The backend `NestedAttention` gives `tntkernels.nested_attention` for q (B, H, N, d), v (B, H, N, dv).
+
+    A named kernel backend that does not cover the shape (the CUDA C++ kernels stop at N = 64: TNT's
+    outer level has 197 or 577 tokens) falls back to the Triton kernels when they cover it, else to the
+    reference. There is no SDPA route: the logits carried between layers are the point of the op.
+    None and "reference" pass through; a backend unavailable on q's device is not rerouted (it raises).
+    """
+    if backend in (None, "reference"):
+        return backend
+    device = q.device
+    if registry.why_not("nested_attention", backend, device, q, v, has_mlp) is None or _backend.why_unavailable(backend, device):
+        return backend  # covered, or not available on this device at all: nested_attention says why
+    if backend != "triton" and registry.why_not("nested_attention", "triton", device, q, v, has_mlp) is None:
+        return "triton"
+    return "reference"
 
 
 class HeadMlp(nn.Module):
@@ -48,7 +68,8 @@ class NestedAttention(Attention):
         noise: add ε ~ N(0, 1) to the logits in train() (CODA); drawn from torch's default
             generator for the device (so `torch.manual_seed` makes it repeatable); off in eval().
         attn_drop, proj_drop: dropouts (attn_drop > 0 in training runs the reference path).
-        backend: forwarded to `tntkernels.nested_attention`.
+        backend: forwarded to `tntkernels.nested_attention`; per call, a shape the named kernel backend
+            does not cover runs on the Triton kernels, else the reference (`nested_route`).
     Shapes:
         forward(x (B, N, C), prev_logits None or (B, H, N, N)) → (out (B, N, C), logits (B, H, N, N)),
         x's dtype; `logits` is what the next layer takes as prev_logits (layer 1: None).
@@ -91,5 +112,5 @@ class NestedAttention(Attention):
             out = self.attn_drop(logits.softmax(dim=-1)) @ v
         else:
             out, logits = nested_attention(q, k, v, prev_logits, head_mlp=head_mlp, noise=noise, scale=self.scale,
-                                           backend=self.backend)
+                                           backend=nested_route(self.backend, q, v, prev_logits is not None and head_mlp is not None))
         return self._merge_heads(out), logits

@@ -16,11 +16,13 @@ from .reference.inner_block import LN_PARAMS, OPTIONAL_PARAMS, PARAM_NAMES, eps_
 __all__ = ["inner_block", "inner_block_ref", "fused_available", "PARAM_NAMES", "OPTIONAL_PARAMS"]
 
 
-def fused_available(x: torch.Tensor, C: int, hidden: int, num_heads: int, backend: str | None) -> bool:
-    """True when `inner_block(..., backend=backend)` would run the fused Triton kernel for x; a
-    backend this op does not implement (or that cannot run here) answers False instead of raising."""
+def fused_available(x: torch.Tensor, C: int, hidden: int, num_heads: int, backend: str | None,
+                    compute_dtype: torch.dtype | None = None) -> bool:
+    """True when `inner_block(..., compute_dtype=compute_dtype, backend=backend)` would run the fused
+    Triton kernel for x; a backend this op does not implement (or that cannot run here, or does not
+    cover the shape on this device) answers False instead of raising."""
     try:
-        return registry.resolve("inner_block", backend, x.device, x, C, hidden) == "triton"
+        return registry.resolve("inner_block", backend, x.device, x, C, hidden, compute_dtype) == "triton"
     except (RuntimeError, ValueError):
         return False
 
@@ -109,7 +111,7 @@ def inner_block(x: torch.Tensor, params: Mapping[str, torch.Tensor | None], *, n
                 raise ValueError(f"{op}: drop_path_scales {what} must be ({S},) on {x.device}, got "
                                  f"{tuple(t.shape)} on {t.device}")
     eps_in, eps_mlp = eps_pair(eps)
-    name = registry.resolve(op, backend, x.device, x, C, hidden)
+    name = registry.resolve(op, backend, x.device, x, C, hidden, compute)
     if name == "reference":
         named = dict(zip(PARAM_NAMES, flat))
         if compute == x.dtype:

@@ -82,4 +82,5 @@ def nested_attention(q, k, v, prev_logits=None, *, head_mlp=None, noise=None, sc
     head_mlp, scale = check_inputs(op, q, k, v, prev_logits, head_mlp, noise, scale)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return registry.call(op, backend, q.device, (q, v), q, k, v, prev_logits, head_mlp, noise, scale)
+    use_mlp = prev_logits is not None and head_mlp is not None
+    return registry.call(op, backend, q.device, (q, v, use_mlp), q, k, v, prev_logits, head_mlp, noise, scale)

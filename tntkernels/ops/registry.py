@@ -169,6 +169,19 @@ def resolve(op: str, backend: str | None, device: torch.device, *fit_args) -> st
     return backend
 
 
+def why_not(op: str, backend: str, device: torch.device, *fit_args) -> str | None:
+    """None when the named `backend` implements `op`, can run on `device` and covers the input
+    described by `fit_args`, else why not (what `resolve` would raise for it)."""
+    spec = OPS[op]
+    if backend not in spec.implementations:
+        return f"backend {backend!r} is not implemented for {op}"
+    why = _backend.why_unavailable(backend, device)
+    if why is not None:
+        return why
+    check = spec.unsupported.get(backend)
+    return check(*fit_args) if check is not None else None
+
+
 def call(op: str, backend: str | None, device: torch.device, fit_args: tuple, *args):
     """resolve(op, backend, device, *fit_args), then run that implementation on `args`."""
     return OPS[op].implementations[resolve(op, backend, device, *fit_args)](*args)

@@ -12,6 +12,8 @@
 #include <cstdint>
 #include <utility>
 
+#include "tntkernels/grid_cap.h"
+
 namespace tntkernels {
 namespace cuda {
 
@@ -23,8 +25,11 @@ constexpr int64_t kDefaultDynamicSmemBytes = 48 * 1024;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Blocks for `items` work items, `per_block` per block: ceil(items / per_block), at least 1, at most max_blocks.
+// Blocks for `items` work items, `per_block` per block: ceil(items / per_block), at least 1, at most max_blocks
+// (and at most the test-only cap of grid_cap.h when set).
 inline unsigned int capped_grid(int64_t items, int64_t per_block, int64_t max_blocks = kMaxGridBlocks) {
+  const int64_t test_cap = grid_cap_for_tests().load(std::memory_order_relaxed);
+  if (test_cap > 0) max_blocks = std::min(max_blocks, test_cap);
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(items, per_block), max_blocks)));
 }
 

@@ -305,3 +305,33 @@ def test_cuda_matches_cpu_op_fp32(struct):
     gpu = _all_results(struct, torch.float32, "cuda", lead=(77,), H=5, d=24)
     for a, b in zip(cpu, gpu):
         assert torch.allclose(a, b.cpu(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture
+def grid_cap_3():
+    """Every grid-stride CUDA kernel's grid capped at 3 blocks (test hook), so small inputs walk the loops."""
+    import tntkernels._C as C
+
+    before = C._set_grid_cap_for_tests(3)
+    yield
+    C._set_grid_cap_for_tests(before)
+
+
+@needs_cpp
+@needs_cuda_build
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,floor", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("struct", ["mix+block", "mix", "block", "mix+block,no biases"])
+def test_cuda_grid_stride_loops(grid_cap_3, struct, dtype, floor):
+    """Row tiles, mix elements, reductions and column sums on 3 blocks: every kernel walks its loop."""
+    check_2x((70, 3), 5, 40, struct, dtype, floor, "cuda")
+
+
+@needs_cpp
+def test_grid_cap_hook_round_trips():
+    import tntkernels._C as C
+
+    assert C._set_grid_cap_for_tests(5) == 0
+    assert C._set_grid_cap_for_tests(0) == 5
+    with pytest.raises(RuntimeError, match="blocks must be >= 0"):
+        C._set_grid_cap_for_tests(-1)

@@ -282,3 +282,24 @@ def _all_on(q, k, v, prev, mlp, eps):
     out, z = nested_attention_compiled(xs[0], xs[1], xs[2], pp, mm, eps, 0.4)
     grads = torch.autograd.grad(out.square().sum() + z.sin().sum(), xs)
     return [out.detach(), z.detach(), *grads]
+
+
+@pytest.fixture
+def grid_cap_3():
+    """Every grid-stride CUDA kernel's grid capped at 3 blocks (test hook), so small inputs walk the loops."""
+    import tntkernels._C as C
+
+    before = C._set_grid_cap_for_tests(3)
+    yield
+    C._set_grid_cap_for_tests(before)
+
+
+@needs_cpp
+@needs_cuda_build
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,floor", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("shape", [(11, 4, 16, 6, 6), (7, 6, 33, 16, 16)])
+def test_cuda_grid_stride_loops(grid_cap_3, shape, form, dtype, floor):
+    """11 or 7 sequences on 3 blocks: each block walks several (forward, backward, partial reduction)."""
+    check_2x(shape, form, dtype, floor, "cuda", nested_attention_compiled)

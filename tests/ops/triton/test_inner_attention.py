@@ -36,7 +36,7 @@ CASES = [
     (1, 2, 49, 10, 6, "c"),    # m = 49 (BLOCK_M = 64)
 ]
 DTYPES = {"float32": (torch.float32, 1e-6), "float16": (torch.float16, 1e-3)}
-# (S, H, m, d, dv) of the GPU test; helpers/aot.py REAL_SHAPES holds their (m, d, dv)
+# (S, H, m, d, dv) of the GPU test (helpers/aot.py REAL_SHAPES holds each, so the AOT set compiles their launches)
 GPU_SHAPES = [(75_000, 4, 16, 6, 6), (300, 4, 16, 10, 10), (50, 3, 49, 10, 10), (40, 2, 9, 12, 20),
               (30, 2, 64, 64, 64), (20, 3, 1, 6, 6)]
 
@@ -120,13 +120,14 @@ def test_configs_cover_every_launch():
     assert ia.triton_config(16, 6, 6)[3] == 8  # TNT-S: several pairs per program
 
 
+@pytest.mark.triton
 def test_aot_default_set_covers_the_gpu_tests():
     """The default AOT set holds what the GPU test and the model shapes launch, and nothing the
     launchers cannot choose."""
     jobs = aot.default_jobs("inner_attention")
-    for S, H, m, d, dv in GPU_SHAPES:
-        assert (m, d, dv) in aot.REAL_SHAPES["inner_attention"].values()
-    assert set(jobs) <= set(aot.every_job("inner_attention"))
+    for S, H, m, d, dv in GPU_SHAPES:  # with the GPU test's layout
+        assert (S, H, m, d, dv, "qkv" if d == dv else "t") in aot.REAL_SHAPES["inner_attention"].values()
+    assert {j.key for j in jobs} <= {j.key for j in aot.every_job("inner_attention")}
     assert {j.dtype for j in jobs} == {"fp32", "fp16", "bf16"} and {j.arch for j in jobs} == set(aot.ARCHS)
 
 

@@ -49,7 +49,7 @@ CASES = [
     (1, 6, 37, 64, 64, "real", False, True, "c", None),  # head_dim 64 (outer level), first layer
 ]
 DTYPES = {"float32": (torch.float32, 1e-5), "float16": (torch.float16, 1e-3)}
-# GPU test cases, as CASES (helpers/aot.py REAL_SHAPES holds their (T, d, dv, H, head-MLP used))
+# GPU test cases, as CASES (helpers/aot.py REAL_SHAPES holds each, so the AOT set compiles their launches)
 GPU_CASES = [
     (2 * 196, 4, 16, 6, 6, "coda", True, True, "t", None),     # TNT-S inner, batch 2
     (64 * 196, 4, 16, 6, 6, "coda", True, False, "t", None),   # TNT-S inner, batch 64 (12,544 sequences)
@@ -244,14 +244,15 @@ def test_configs_cover_every_launch():
                         assert (bh, bf, bd, dtype, warps) in configs
 
 
+@pytest.mark.triton
 def test_aot_default_set_covers_the_gpu_tests():
     """The default AOT set holds what the GPU test and Nested-TNT-S launch (the key-tile kernel only
     for T > 16), and nothing the launchers cannot choose."""
-    shapes = aot.REAL_SHAPES["nested_attention"].values()
-    for B, H, T, d, dv, form, prev, *_ in GPU_CASES:
-        assert (T, d, dv, H, bool(prev) and form == "coda") in shapes
+    shapes = [(*s[:6], bool(s[6]), *s[7:]) for s in aot.REAL_SHAPES["nested_attention"].values()]
+    for case in GPU_CASES:
+        assert (*case[:6], bool(case[6]), *case[7:9]) in shapes, case
     jobs = aot.default_jobs("nested_attention")
-    assert set(jobs) <= set(aot.every_job("nested_attention"))
+    assert {j.key for j in jobs} <= {j.key for j in aot.every_job("nested_attention")}
     assert all(dict(j.constexprs)["SLOPE"] == LEAKY_SLOPE for j in jobs)
     inner_coda = [j for j in jobs if dict(j.constexprs)["BLOCK_F"] == 16]
     assert inner_coda and all(j.kernel != "_nested_attention_bwd_kv_kernel" for j in inner_coda)  # T = 16: one tile
@@ -292,6 +293,12 @@ def test_gpu_2x_rule_and_determinism(case, dtype, floor):
               ([w.cuda() for w in t] if isinstance(t, list) else None)
               for t in _make_inputs(*case[:9], dtype, seed=0)]
     scale = case[3] ** -0.5
+    why = nat.unsupported(inputs[0].to(dtype), inputs[2].to(dtype), bool(case[6]) and case[5] == "coda")
+    if why is not None:  # a configuration over this device's shared memory (nat.SHARED_KB): refused, clearly
+        assert "shared memory" in why, why
+        with pytest.raises(ValueError, match="shared memory"):
+            _run(_triton, inputs, dtype, scale)
+        return
     ours = _run(_triton, inputs, dtype, scale)
     _assert_equal_runs(ours, _run(_triton, inputs, dtype, scale))
     exact = _run(nested_attention_ref, inputs, torch.float64, scale)

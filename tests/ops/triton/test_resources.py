@@ -13,9 +13,13 @@ from pathlib import Path
 import pytest
 
 from helpers import aot
+from tntkernels import _backend
 
 DOC = Path(__file__).resolve().parents[3] / "docs" / "triton-resources.md"
-JOBS = {family: aot.default_jobs(family) for family in aot.FAMILIES}
+# the default set is captured from launches (aot.capture_launches), which needs Triton's compiler mode:
+# none under TRITON_INTERPRET=1, where the aot tests are skipped anyway
+JOBS = ({family: aot.default_jobs(family) for family in aot.FAMILIES}
+        if _backend.triton_importable() and not _backend.triton_interpret() else {})
 
 
 def _resources(job: aot.Job) -> aot.Resources:
@@ -69,8 +73,9 @@ def test_docs_table_is_current():
     rows = _doc_rows()
     expected = {}
     for family, jobs in JOBS.items():
-        for job, res in zip(jobs, aot.compile_all(list(jobs))):
-            expected[(job.kernel, job.config, job.dtype, job.arch)] = (res.shared, aot.over_limit(job, res))
+        merged = aot.by_config(zip(jobs, aot.compile_all(list(jobs))))
+        for (_, kernel, config, dtype, arch), res in merged.items():
+            expected[(kernel, config, dtype, arch)] = (res.shared, res.shared > aot.SHARED_LIMIT[arch])
     stale = "docs/triton-resources.md is stale: python scripts/triton_resources.py"
     assert set(rows) == set(expected), f"{stale} (rows differ: {sorted(set(rows) ^ set(expected))[:5]})"
     import triton

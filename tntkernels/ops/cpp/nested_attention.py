@@ -26,7 +26,7 @@ def _mlp_used(prev_logits, head_mlp) -> bool:
     return prev_logits is not None and len(head_mlp) == 6
 
 
-def unsupported_cuda(q: torch.Tensor, v: torch.Tensor) -> str | None:
+def unsupported_cuda(q: torch.Tensor, v: torch.Tensor, has_mlp: bool = True) -> str | None:
     """None when the CUDA C++ kernels cover q (B, H, T, d), v (B, H, T, dv), else what they do not."""
     why = unsupported_dtype_cuda(q)
     if why is not None:

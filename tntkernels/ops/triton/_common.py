@@ -25,6 +25,25 @@ def device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
+_OPTIN_KB: dict[int, int] = {}
+
+
+@torch._dynamo.assume_constant_result  # a device property: torch.compile takes it as a constant
+def _optin_kb(index: int) -> int:
+    if index not in _OPTIN_KB:
+        props = torch.cuda.get_device_properties(index)
+        _OPTIN_KB[index] = int(getattr(props, "shared_memory_per_block_optin", 0) or 166_912) // 1024
+    return _OPTIN_KB[index]
+
+
+def shared_limit_kb(device: torch.device) -> int | None:
+    """The most shared memory (KB) one block may opt in to on a CUDA device (227 on H100 / H200, 163 on
+    A100, 99 on sm_86 / sm_89); None for a CPU device (the interpreter has no limit)."""
+    if device.type != "cuda":
+        return None
+    return _optin_kb(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def check_fits(op: str, why: str | None) -> None:
     """Raise the range error of an explicitly called launcher: `why` is its family's `unsupported`."""
     if why is not None:
@@ -39,6 +58,19 @@ if _backend.triton_importable():
     def dot_ieee(a, b):
         """tl.dot in IEEE precision (no TF32 for fp32 inputs), fp32 accumulation."""
         return tl.dot(a, b, input_precision="ieee")
+
+    @triton.jit
+    def dot_ieee_k16(a, b):
+        """dot_ieee(a, b) for a contraction K of 8 (or >= 16): tl.dot needs K >= 16 for 16- and 32-bit
+        inputs on NVIDIA with triton <= 3.7 (its `min_dot_size`), so K = 8 is padded to 16 by
+        interleaving zeros into a's columns and b's rows (column 2k of a pairs with row 2k of b)."""
+        if a.shape[1] < 16:
+            tl.static_assert(a.shape[1] == 8, "dot_ieee_k16 pads a contraction of 8 only")
+            a16 = tl.reshape(tl.join(a, tl.zeros_like(a)), (a.shape[0], 16))
+            b16 = tl.reshape(tl.permute(tl.join(b, tl.zeros_like(b)), (0, 2, 1)), (16, b.shape[1]))
+            return dot_ieee(a16, b16)
+        else:
+            return dot_ieee(a, b)
 
     @triton.jit
     def load_mat(ptr, offs_rows, offs_cols, n_rows, n_cols, stride_row, dt):

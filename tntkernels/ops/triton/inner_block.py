@@ -22,7 +22,7 @@ import torch
 from ... import _backend
 from .._autograd import register_kernel_autograd
 from ..reference.inner_block import PARAM_NAMES, inner_block_ref
-from ._common import DTYPES, device_guard, next_pow2
+from ._common import DTYPES, device_guard, next_pow2, shared_limit_kb
 
 if _backend.triton_importable():
     import triton
@@ -70,9 +70,23 @@ def triton_configs() -> list[tuple[int, int, int, int, int, int, torch.dtype, to
     return [(*t, xd, cd) for t in sorted(tiles) for xd, cd in DTYPE_PAIRS]
 
 
-def unsupported(x: torch.Tensor, C: int, hidden: int) -> str | None:
-    """None when the fused kernel covers x (S, m, C) with MLP width `hidden`, else what it does not
-    cover (a phrase)."""
+# Shared memory (KB) of the configurations above 96 KB (the fused backward holds every weight of the
+# sub-block and its gradient): (BLOCK_C, BLOCK_R of the backward, fp32 compute?) -> KB, the most of the
+# forward and backward compiled for sm_80 / sm_90 by tests/helpers/aot.py (docs/triton-resources.md)
+# with triton 3.6 and 3.8, rounded up. TNT-B's inner block (C 40 -> BLOCK_C 64) fits an H100 / H200
+# (227 KB) only with 16-bit compute; in float32 or on an A100 (163 KB) TNTBlock runs it unfused.
+SHARED_KB = {(64, 32, True): 290, (64, 32, False): 220, (64, 64, True): 400, (64, 64, False): 300,
+             (32, 64, True): 140}
+
+
+def shared_kb(block_c: int, block_r_bwd: int, compute: torch.dtype) -> int:
+    """Upper bound of the shared memory (KB) of one configuration's kernels (SHARED_KB, else 96)."""
+    return SHARED_KB.get((block_c, block_r_bwd, compute == torch.float32), 96)
+
+
+def unsupported(x: torch.Tensor, C: int, hidden: int, compute: torch.dtype | None = None) -> str | None:
+    """None when the fused kernel covers x (S, m, C) with MLP width `hidden` and parameters / GEMM
+    inputs in `compute` (default x's dtype) on x's device, else what it does not cover (a phrase)."""
     if x.dtype not in DTYPES:
         return f"dtype {x.dtype} (the fused kernel supports float32, float16, bfloat16)"
     m = x.shape[1]
@@ -82,6 +96,11 @@ def unsupported(x: torch.Tensor, C: int, hidden: int) -> str | None:
         return f"C = {C} (the fused kernel supports 1 <= C <= {MAX_DIM})"
     if hidden > 4 * next_pow2(C):
         return f"MLP hidden width {hidden} (the fused kernel supports up to 4 · next_pow2(C) = {4 * next_pow2(C)})"
+    compute = compute or x.dtype
+    need, limit = shared_kb(next_pow2(C), max(next_pow2(m), 32), compute), shared_limit_kb(x.device)
+    if limit is not None and need > limit:
+        return (f"C = {C}, m = {m} with {compute} compute on this device: the fused kernels need {need} KB of "
+                f"shared memory per block, the device allows {limit} KB")
     return None
 
 

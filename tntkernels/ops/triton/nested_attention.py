@@ -11,7 +11,10 @@ Tiling. A program owns every head of a (BLOCK_I = 16 query rows) × (BLOCK_J = 1
 one sequence, so the head-MLP, which mixes the heads at every (i, j), runs in registers as a chain
 of three fp32 GEMMs over the head axis: (BLOCK_F, BLOCK_H) × (BLOCK_H, BLOCK_I·BLOCK_J) → … Tiles are
 3-D (BLOCK_H, rows, keys) with heads as the batch axis of tl.dot. Heads are padded to BLOCK_H = 8
-(H <= 8) or 16 (H <= 16); BLOCK_F = next pow2 >= max(4H, 16). The same kernels serve both levels:
+(H <= 8) or 16 (H <= 16); BLOCK_F = next pow2 >= max(4H, 16). The two MLP GEMMs that contract over
+the heads pad BLOCK_H = 8 to 16 with zeros (`dot_ieee_k16`: triton 3.6's tl.dot needs K >= 16). The
+key loops run with one pipeline stage (NUM_STAGES) to fit shared memory, and `unsupported` refuses a
+configuration over the device's limit (SHARED_KB). The same kernels serve both levels:
 
 - short sequences (T <= BLOCK_I, the TNT inner level, e.g. (B·196, 4, 16, 6)): one tile is the whole
   sequence, so one program computes all of it, forward and backward (dk, dv included);
@@ -41,13 +44,13 @@ import torch
 from ... import _backend
 from .._autograd import register_kernel_autograd
 from ..reference.nested_attention import LEAKY_SLOPE, nested_attention_op_ref
-from ._common import DTYPES, check_fits, device_guard, next_pow2
+from ._common import DTYPES, check_fits, device_guard, next_pow2, shared_limit_kb
 
 if _backend.triton_importable():
     import triton
     import triton.language as tl
 
-    from ._common import dot_ieee, leaky_relu
+    from ._common import dot_ieee, dot_ieee_k16, leaky_relu
 
 MAX_TOKENS = 1024  # T (the outer level of TNT-S/B at 384² has 577 tokens)
 MAX_HEADS = 16  # H: every head of a tile sits in one program
@@ -61,6 +64,31 @@ _MAX_PROGRAMS = 1024  # grid size cap (the backward keeps one fp32 partial of th
 
 def _num_warps(block_h: int, block_d: int, block_f: int) -> int:
     return 8 if (block_h == 16 or block_f >= 32 or block_d == 64) else 4
+
+
+# Software pipelining of the K / V tile loads (Triton's num_stages, default 3 on NVIDIA) multiplies the
+# shared memory of these kernels (fp32 d 64: 224-354 KB, over every device's limit); one stage keeps
+# the outer level within 227 KB (sm_90) and, but for fp32 with the head-MLP, 163 KB (sm_80).
+NUM_STAGES = 1
+
+# Shared memory (KB) of the configurations above 96 KB: the most of the three kernels, num_stages 1,
+# compiled for sm_90 by tests/helpers/aot.py (docs/triton-resources.md) with triton 3.6 and 3.8,
+# rounded up. (BLOCK_H, BLOCK_F, BLOCK_D, fp32?) -> KB. `unsupported` compares them with the device's
+# opt-in limit per block (torch.cuda.get_device_properties().shared_memory_per_block_optin); the
+# others need <= 96 KB, which every sm_80+ device has. H > 8 (BLOCK_H 16) with the head-MLP at
+# BLOCK_D 32 and in 16-bit at BLOCK_D 16 were not all measured: their entries are set above the
+# measured neighbours (a refusal routes to the reference, never a failed launch).
+SHARED_KB = {
+    (8, 0, 64, True): 140, (8, 32, 64, True): 212, (8, 32, 64, False): 136,
+    (16, 0, 32, True): 148, (16, 0, 64, True): 276, (16, 0, 64, False): 148,
+    (16, 64, 16, True): 236, (16, 64, 16, False): 200, (16, 64, 32, True): 330, (16, 64, 32, False): 240,
+    (16, 64, 64, True): 430, (16, 64, 64, False): 290,
+}
+
+
+def shared_kb(block_h: int, block_f: int, block_d: int, dtype: torch.dtype) -> int:
+    """Upper bound of the shared memory (KB) the kernels of one configuration request (SHARED_KB, else 96)."""
+    return SHARED_KB.get((block_h, block_f, block_d, dtype == torch.float32), 96)
 
 
 def triton_config(T: int, d: int, dv: int, H: int, has_mlp: bool) -> tuple[int, int, int, int]:
@@ -80,19 +108,26 @@ def triton_configs() -> list[tuple[int, int, int, torch.dtype, int]]:
             for bh, bf in _HEAD_BLOCKS for bd in _DIM_BLOCKS for dtype in DTYPES]
 
 
-def unsupported(q: torch.Tensor, v: torch.Tensor) -> str | None:
-    """None when the kernels cover q (B, H, T, d) and v (B, H, T, dv), else what they do not cover."""
+def unsupported(q: torch.Tensor, v: torch.Tensor, has_mlp: bool = True) -> str | None:
+    """None when the kernels cover q (B, H, T, d) and v (B, H, T, dv) on q's device (with the head-MLP
+    when `has_mlp`: the larger configuration), else what they do not cover."""
     B, H, T, d = q.shape
     if q.dtype not in DTYPES:
         return f"dtype {q.dtype} (supported: float32, float16 and bfloat16)"
     if not (T <= MAX_TOKENS and 1 <= H <= MAX_HEADS and 1 <= d <= MAX_HEAD_DIM and 1 <= v.shape[-1] <= MAX_HEAD_DIM):
         return (f"T={T}, H={H}, d={d}, dv={v.shape[-1]} (supported: T <= {MAX_TOKENS}, 1 <= H <= {MAX_HEADS} and "
                 f"1 <= d, dv <= {MAX_HEAD_DIM})")
+    bh, bf, bd, _ = triton_config(T, d, v.shape[-1], H, has_mlp)
+    limit = shared_limit_kb(q.device)
+    if limit is not None and shared_kb(bh, bf, bd, q.dtype) > limit:
+        return (f"H={H}, d={d}, dv={v.shape[-1]} in {q.dtype}{' with the head-MLP' if bf else ''} on this device: "
+                f"the kernels need {shared_kb(bh, bf, bd, q.dtype)} KB of shared memory per block, the device "
+                f"allows {limit} KB")
     return None
 
 
-def _check(q: torch.Tensor, v: torch.Tensor) -> None:
-    check_fits("nested_attention", unsupported(q, v))
+def _check(q: torch.Tensor, v: torch.Tensor, has_mlp: bool) -> None:
+    check_fits("nested_attention", unsupported(q, v, has_mlp))
 
 
 if _backend.triton_importable():
@@ -137,7 +172,7 @@ if _backend.triton_importable():
         if BLOCK_F > 0:
             u = tl.where(valid & (s != float("-inf")), s, 0.0)
             x = tl.reshape(u, (BLOCK_H, BLOCK_I * BLOCK_J))
-            h1 = leaky_relu(dot_ieee(w1, x) + b1[:, None], SLOPE)
+            h1 = leaky_relu(dot_ieee_k16(w1, x) + b1[:, None], SLOPE)  # K = BLOCK_H
             h2 = leaky_relu(dot_ieee(w2, h1) + b2[:, None], SLOPE)
             m = dot_ieee(w3, h2) + b3[:, None]  # (BLOCK_H, BLOCK_I·BLOCK_J)
             z = s + tl.reshape(m, (BLOCK_H, BLOCK_I, BLOCK_J))
@@ -269,7 +304,7 @@ if _backend.triton_importable():
                     dm = tl.reshape(dz, (BLOCK_H, BLOCK_I * BLOCK_J))
                     gw3 += dot_ieee(dm, tl.trans(h2))
                     gb3 += tl.sum(dm, axis=1)
-                    dh2 = dot_ieee(tl.trans(w3), dm)
+                    dh2 = dot_ieee_k16(tl.trans(w3), dm)  # K = BLOCK_H
                     dh2 = tl.where(h2 > 0, dh2, dh2 * SLOPE)
                     gw2 += dot_ieee(dh2, tl.trans(h1))
                     gb2 += tl.sum(dh2, axis=1)
@@ -380,7 +415,7 @@ def nested_attention_forward(q, k, v, prev_logits, head_mlp, noise, scale):
     """Triton forward. q, k (B, H, T, d); v (B, H, T, dv); prev_logits / noise None or (B, H, T, T);
     head_mlp a list of the 6 MLP tensors or empty; any strides. Returns out (B, H, T, dv) and Z
     (B, H, T, T) contiguous in q's dtype, lse (B, H, T) float32."""
-    _check(q, v)
+    _check(q, v, prev_logits is not None and len(head_mlp) > 0)
     B, H, T, d = q.shape
     dv = v.shape[-1]
     out = q.new_empty((B, H, T, dv))
@@ -400,14 +435,15 @@ def nested_attention_forward(q, k, v, prev_logits, head_mlp, noise, scale):
             *q.stride(), *k.stride(), *v.stride(), *prev.stride(), *nz.stride(),
             *out.stride(), *z.stride(), *lse.stride(),
             B, H, T, d, dv, 4 * H, float(scale), int(prev_logits is not None), int(noise is not None), n_prog,
-            BLOCK_H=bh, BLOCK_I=bi, BLOCK_J=BLOCK_J, BLOCK_D=bd, BLOCK_F=bf, SLOPE=LEAKY_SLOPE, num_warps=warps)
+            BLOCK_H=bh, BLOCK_I=bi, BLOCK_J=BLOCK_J, BLOCK_D=bd, BLOCK_F=bf, SLOPE=LEAKY_SLOPE, num_warps=warps,
+            num_stages=NUM_STAGES)
     return out, z, lse
 
 
 def nested_attention_backward(grad_out, grad_z, q, k, v, prev_logits, head_mlp, noise, out, lse, scale):
     """Triton backward, deterministic (no atomics). Returns (dq, dk, dv, dprev, [dw1, db1, dw2, db2, dw3,
     db3]) in q's dtype; dprev is None when prev_logits is None, the list empty without the MLP."""
-    _check(q, v)
+    _check(q, v, prev_logits is not None and len(head_mlp) > 0)
     B, H, T, d = q.shape
     dvd = v.shape[-1]
     F = 4 * H
@@ -434,7 +470,7 @@ def nested_attention_backward(grad_out, grad_z, q, k, v, prev_logits, head_mlp, 
         flags = (B, H, T, d, dvd, F, float(scale), int(prev_logits is not None), int(noise is not None),
                  int(grad_z is not None))
         meta = dict(BLOCK_H=bh, BLOCK_I=bi, BLOCK_J=BLOCK_J, BLOCK_D=bd, BLOCK_F=bf, SLOPE=LEAKY_SLOPE,
-                    num_warps=warps)
+                    num_warps=warps, num_stages=NUM_STAGES)
         inputs = (grad_out, gz, q, k, v, prev, nz, *_mlp_args(q, head_mlp, use_mlp), lse, delta)
         with device_guard(q):
             _nested_attention_bwd_q_kernel[(n_prog,)](
