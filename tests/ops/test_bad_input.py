@@ -171,6 +171,9 @@ CASES = {
     "na-cuda-range": ("fake_cuda", lambda: na(backend="cuda", T=65, **META)),
     "na-triton-dtype": ("interpret", lambda: na(backend="triton", dtype=torch.float64)),
     "na-triton-range": ("interpret", lambda: na(backend="triton", H=17)),
+    "na-triton-shared-memory": ("interpret_a100", lambda: na(
+        backend="triton", H=6, d=64, prev_logits=t(2, 6, 5, 5),
+        head_mlp=[t(24, 6), t(24), t(24, 24), t(24), t(6, 24), t(6)])),
     # ------------------------------------------------------------------ hsim_split_linear (x (3, 12): H 3, d 4)
     "hs-not-tensor": (None, lambda: hs([[1.0] * 12])),
     "hs-dtype": (None, lambda: hs(t(3, 12).long())),
@@ -232,6 +235,7 @@ CASES = {
     "ib-triton-words": ("interpret", lambda: ib(t(3, 65, 8), backend="triton")),
     "ib-triton-width": ("interpret", lambda: ib(t(3, 5, 72), ib_params(72), backend="triton")),
     "ib-triton-hidden": ("interpret", lambda: ib(params=ib_params(8, hidden=65), backend="triton")),
+    "ib-triton-shared-memory": ("interpret_a100", lambda: ib(t(3, 16, 40), ib_params(40), num_heads=4, backend="triton")),
     # ------------------------------------------------------------------ nn modules
     "attn-num-heads": (None, lambda: Attention(8, 8, num_heads=0)),
     "attn-dim": (None, lambda: Attention(8, -8, num_heads=2)),
@@ -287,6 +291,13 @@ def _setup(setup: str | None, monkeypatch) -> None:
         if not _backend.triton_importable():
             pytest.skip("the triton package is not installed (the 'triton' backend's checks need it)")
         monkeypatch.setenv("TRITON_INTERPRET", "1")
+    elif setup == "interpret_a100":  # the interpreter, with the fit checks seeing an A100's 163 KB
+        _setup("interpret", monkeypatch)
+        import importlib
+
+        for family in ("nested_attention", "inner_block"):
+            monkeypatch.setattr(importlib.import_module(f"tntkernels.ops.triton.{family}"), "shared_limit_kb",
+                                lambda device: 163)
     elif setup == "fake_cuda":
         monkeypatch.setattr(_backend, "why_unavailable", lambda backend, device: None)
     elif setup == "cpp":

@@ -1,4 +1,8 @@
-"""Hypothesis fuzz tests: every functional op, every backend that runs on CPU, against its reference.
+"""Hypothesis fuzz tests: every functional op, every backend, against its reference.
+
+The backends that run on CPU here (the reference, the C++ CPU ops, Triton under the interpreter), and
+on a GPU the "cuda" (CUDA C++) and "triton" backends on CUDA tensors, bfloat16 included (the
+`test_gpu_*` tests, marked `gpu`; fewer examples, as every new shape is a new Triton compile).
 
 Ops and backends: `inner_attention` ("reference", "cpu", "triton"), `nested_attention` (first-layer,
 RealFormer and CODA forms, head-MLP given without prev_logits, noise, −inf-masked prev_logits, upstream
