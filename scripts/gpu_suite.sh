@@ -168,9 +168,10 @@ if want sanitize; then
     run_step sanitize_racecheck 200 "$OUT/sanitize_racecheck.log" \
       "$SAN" --tool racecheck --error-exitcode 1 --print-limit 20 "$PY" scripts/sanitize.py & san_pids+=($!)
     if [ "${SANITIZE_TRITON:-1}" = 1 ]; then
-      run_step sanitize_memcheck_triton 150 "$OUT/sanitize_memcheck_triton.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-        "$SAN" --tool memcheck --error-exitcode 1 --print-limit 20 "$PY" scripts/sanitize.py --ops triton & san_pids+=($!)
-      sleep 20  # the Triton memcheck compiles what the tests compile: let the tests warm the cache first
+      # 20 s after the tests start: it compiles what they compile, so it mostly finds their cache warm
+      ( sleep 20; run_step sanitize_memcheck_triton 150 "$OUT/sanitize_memcheck_triton.log" \
+          env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck --error-exitcode 1 --print-limit 20 \
+          "$PY" scripts/sanitize.py --ops triton ) & san_pids+=($!)
     fi
   fi
 fi
