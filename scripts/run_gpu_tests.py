@@ -40,9 +40,8 @@ def counts(text: str) -> dict[str, int]:
     """Counts of pytest's summary line ('3 passed, 1 skipped in 2.0s'); {} without one."""
     for line in reversed(text.strip().splitlines()):
         if re.search(r"\b(passed|failed|error|errors|skipped|deselected|no tests ran)\b.* in [\d.]+s", line):
-            found = {w.rstrip("s") + ("s" if w == "errors" else ""): int(n)
-                     for n, w in re.findall(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed|deselected)", line)}
-            return {("errors" if k in ("error", "errors") else k): v for k, v in found.items()}
+            return {("errors" if w.startswith("error") else w): int(n)
+                    for n, w in re.findall(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed|deselected)", line)}
     return {}
 
 

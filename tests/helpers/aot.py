@@ -167,8 +167,9 @@ def capture_launches(arch: int, launches: list):
     tensors are aligned like CUDA ones for this purpose, data_ptr % 16 depends on the view's offset),
     and returns None; an autotuned kernel records every config; a launcher asking for the SM count gets
     an H100's / H200's (H100_SMS), a fit check asking for the shared-memory limit gets sm_<arch>'s
-    (so a configuration the dispatcher would not launch there raises its ValueError instead). `triton` may run on CPU tensors (the
-    registry's availability check is lifted), so the public ops drive the launchers as on a GPU."""
+    (so a configuration the dispatcher would not launch there raises its ValueError instead).
+    `triton` may run on CPU tensors (the registry's availability check is lifted), so the public ops
+    drive the launchers as on a GPU."""
     from unittest import mock
 
     from triton import knobs
