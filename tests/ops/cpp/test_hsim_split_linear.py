@@ -307,16 +307,6 @@ def test_cuda_matches_cpu_op_fp32(struct):
         assert torch.allclose(a, b.cpu(), atol=1e-4, rtol=1e-4)
 
 
-@pytest.fixture
-def grid_cap_3():
-    """Every grid-stride CUDA kernel's grid capped at 3 blocks (test hook), so small inputs walk the loops."""
-    import tntkernels._C as C
-
-    before = C._set_grid_cap_for_tests(3)
-    yield
-    C._set_grid_cap_for_tests(before)
-
-
 @needs_cpp
 @needs_cuda_build
 @pytest.mark.gpu
