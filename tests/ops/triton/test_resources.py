@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import aot
 from tntkernels import _backend
@@ -41,6 +42,35 @@ def test_shared_memory_within_the_device_limit(job):
     assert res.shared <= aot.SHARED_LIMIT[job.arch], (
         f"{job.id}: {res.shared:,} B of shared memory > {aot.SHARED_LIMIT[job.arch]:,} B on sm_{job.arch} "
         f"(launched for {', '.join(JOBS[job.family][job])})")
+
+
+def _refusal_bound_kb(job: aot.Job) -> int | None:
+    """The dispatcher's bound (KB) on this job's shared memory: `shared_kb` of the nested and fused-block
+    modules, whose `unsupported()` refuses a configuration over the device's limit; None for kernels
+    without one (inner_attention, hsim, the fused block's forward: its bound is keyed by the backward's
+    BLOCK_R)."""
+    c = dict(job.constexprs)
+    compute = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+        job.dtype.partition("+")[2] or job.dtype]
+    if job.family == "nested_attention":
+        from tntkernels.ops.triton import nested_attention as mod
+        return mod.shared_kb(c["BLOCK_H"], c["BLOCK_F"], c["BLOCK_D"], compute)
+    if job.kernel == "_inner_block_bwd_kernel":
+        from tntkernels.ops.triton import inner_block as mod
+        return mod.shared_kb(c["BLOCK_C"], c["BLOCK_R"], compute)
+    return None
+
+
+@pytest.mark.aot
+@pytest.mark.parametrize("job", [pytest.param(job, id=job.id) for jobs in JOBS.values() for job in jobs
+                                 if _refusal_bound_kb(job) is not None])
+def test_shared_memory_within_the_dispatchers_bound(job):
+    """SHARED_KB (hand-copied from these compiles) bounds what each configuration really requests:
+    an entry too low would let the dispatcher launch a kernel the device cannot hold."""
+    res, bound = _resources(job), _refusal_bound_kb(job)
+    assert res.shared <= bound * 1024, (
+        f"{job.id}: {res.shared:,} B of shared memory > the {bound} KB its module's SHARED_KB allows for; "
+        f"raise the entry")
 
 
 def test_known_over_limit_names_default_jobs():

@@ -60,6 +60,33 @@ if _backend.triton_importable():
         return tl.dot(a, b, input_precision="ieee")
 
     @triton.jit
+    def dot_as(a, b, like):
+        """a · b with fp32 accumulation, the operands rounded to `like`'s dtype: IEEE fp32 for float32,
+        else 16-bit tensor-core inputs, as PyTorch's 16-bit matmul rounds them (for gradients: a
+        forward activation whose sign picks a branch wants `dot_near_fp32`). K >= 16, or 8 (padded
+        as in `dot_ieee_k16`)."""
+        if like.dtype == tl.float32:
+            return dot_ieee_k16(a, b)
+        else:
+            return dot_ieee_k16(a.to(like.dtype), b.to(like.dtype))
+
+    @triton.jit
+    def dot_near_fp32(a, b, like):
+        """fp32 a · b: IEEE for a float32 `like`, else 3xTF32 (tensor cores, error close to fp32's).
+        For 16-bit models' activations whose signs pick a branch (LeakyReLU): rounding them to 16 bits
+        flips kinks the fp32 reference does not. K >= 16, or 8 (padded as in `dot_ieee_k16`)."""
+        if like.dtype == tl.float32:
+            return dot_ieee_k16(a, b)
+        else:
+            if a.shape[1] < 16:
+                tl.static_assert(a.shape[1] == 8, "dot_near_fp32 pads a contraction of 8 only")
+                a16 = tl.reshape(tl.join(a, tl.zeros_like(a)), (a.shape[0], 16))
+                b16 = tl.reshape(tl.permute(tl.join(b, tl.zeros_like(b)), (0, 2, 1)), (16, b.shape[1]))
+                return tl.dot(a16, b16, input_precision="tf32x3")
+            else:
+                return tl.dot(a, b, input_precision="tf32x3")
+
+    @triton.jit
     def dot_ieee_k16(a, b):
         """dot_ieee(a, b) for a contraction K of 8 (or >= 16): tl.dot needs K >= 16 for 16- and 32-bit
         inputs on NVIDIA with triton <= 3.7 (its `min_dot_size`), so K = 8 is padded to 16 by

@@ -7,14 +7,19 @@ Semantics are those of `nested_attention_ref` (docs/tnt-family.md §3): per laye
 
 with Z = A (+ noise) when prev_logits is None (the head-MLP is then ignored).
 
-Tiling. A program owns every head of a (BLOCK_I = 16 query rows) × (BLOCK_J = 16 keys) tile of
-one sequence, so the head-MLP, which mixes the heads at every (i, j), runs in registers as a chain
-of three fp32 GEMMs over the head axis: (BLOCK_F, BLOCK_H) × (BLOCK_H, BLOCK_I·BLOCK_J) → … Tiles are
-3-D (BLOCK_H, rows, keys) with heads as the batch axis of tl.dot. Heads are padded to BLOCK_H = 8
-(H <= 8) or 16 (H <= 16); BLOCK_F = next pow2 >= max(4H, 16). The two MLP GEMMs that contract over
-the heads pad BLOCK_H = 8 to 16 with zeros (`dot_ieee_k16`: triton 3.6's tl.dot needs K >= 16). The
-key loops run with one pipeline stage (NUM_STAGES) to fit shared memory, and `unsupported` refuses a
-configuration over the device's limit (SHARED_KB). The same kernels serve both levels:
+Tiling. A program owns every head of a (BLOCK_I = 16 query rows) × (BLOCK_J = 16 keys) tile of one
+sequence, so the head-MLP, which mixes the heads at every (i, j), runs in registers as a chain of
+three GEMMs over the head axis: (BLOCK_F, BLOCK_H) × (BLOCK_H, BLOCK_I·BLOCK_J) → … In float32 every
+GEMM is IEEE fp32. In 16-bit (fp32 FMA GEMMs of this size spilled up to 13 KB per thread) the
+forward chain runs in 3xTF32 on tensor cores (`dot_near_fp32`: close to fp32, so the LeakyReLU kinks
+fall where the fp32 reference puts them; 16-bit inputs there flip kinks and fail the 2×-PyTorch rule
+on the gradients) and the backward's gradient GEMMs take 16-bit inputs (`dot_as`, as PyTorch's
+16-bit nn.Linear backward does), all with fp32 accumulation. Tiles are 3-D (BLOCK_H, rows, keys)
+with heads as the batch axis of tl.dot. Heads are padded to BLOCK_H = 8 (H <= 8) or 16 (H <= 16);
+BLOCK_F = next pow2 >= max(4H, 16). The two MLP GEMMs that contract over the heads pad BLOCK_H = 8
+to 16 with zeros (`dot_ieee_k16`: triton 3.6's tl.dot needs K >= 16). The key loops run with one
+pipeline stage (NUM_STAGES) to fit shared memory, and `unsupported` refuses a configuration over the
+device's limit (SHARED_KB). The same kernels serve both levels:
 
 - short sequences (T <= BLOCK_I, the TNT inner level, e.g. (B·196, 4, 16, 6)): one tile is the whole
   sequence, so one program computes all of it, forward and backward (dk, dv included);
@@ -23,11 +28,11 @@ configuration over the device's limit (SHARED_KB). The same kernels serve both l
   head-MLP gradients) and a key-tile kernel (dk, dv) that recomputes P and reads dS back.
 
 Work items (sequence × row tile, or sequence × key tile) are spread over at most `_MAX_PROGRAMS`
-programs on grid axis 0 by a grid-stride loop (no 65,535 limit). Scores, softmax and the MLP run
-in fp32 (input_precision="ieee" for fp32 inputs); out and Z are written in q's dtype, lse (B, H, T)
-in fp32. The backward uses delta = rowsum(grad_out ∘ out) (out is saved), writes dq, dk, dv,
-d prev_logits and the six head-MLP gradients as per-program fp32 partials reduced with torch.sum
-afterwards: no atomics, bitwise deterministic for a given shape.
+programs on grid axis 0 by a grid-stride loop (no 65,535 limit). Scores, softmax and the MLP's
+activations run in fp32 (input_precision="ieee" for fp32 inputs); out and Z are written in q's
+dtype, lse (B, H, T) in fp32. The backward uses delta = rowsum(grad_out ∘ out) (out is saved),
+writes dq, dk, dv, d prev_logits and the six head-MLP gradients as per-program fp32 partials reduced
+with torch.sum afterwards: no atomics, bitwise deterministic for a given shape.
 
 Custom ops:
     tntkernels::nested_attention_triton(q, k, v, prev_logits?, head_mlp: Tensor[], noise?, scale)
@@ -50,7 +55,7 @@ if _backend.triton_importable():
     import triton
     import triton.language as tl
 
-    from ._common import dot_ieee, dot_ieee_k16, leaky_relu
+    from ._common import dot_as, dot_ieee, dot_near_fp32, leaky_relu
 
 MAX_TOKENS = 1024  # T (the outer level of TNT-S/B at 384² has 577 tokens)
 MAX_HEADS = 16  # H: every head of a tile sits in one program
@@ -75,14 +80,15 @@ NUM_STAGES = 1
 # compiled for sm_90 by tests/helpers/aot.py (docs/triton-resources.md) with triton 3.6 and 3.8,
 # rounded up. (BLOCK_H, BLOCK_F, BLOCK_D, fp32?) -> KB. `unsupported` compares them with the device's
 # opt-in limit per block (torch.cuda.get_device_properties().shared_memory_per_block_optin); the
-# others need <= 96 KB, which every sm_80+ device has. H > 8 (BLOCK_H 16) with the head-MLP at
-# BLOCK_D 32 and in 16-bit at BLOCK_D 16 were not all measured: their entries are set above the
-# measured neighbours (a refusal routes to the reference, never a failed launch).
+# others need <= 96 KB, which every sm_80+ device has. tests/ops/triton/test_resources.py checks the
+# entries against the compiles of the real shapes; BLOCK_H 16 at BLOCK_D 32 in fp32 and with the
+# head-MLP at BLOCK_D 16 in fp32 were not all measured: their entries are set above the measured
+# neighbours (a refusal routes to the reference, never a failed launch).
 SHARED_KB = {
-    (8, 0, 64, True): 140, (8, 32, 64, True): 212, (8, 32, 64, False): 136,
+    (8, 0, 64, True): 140, (8, 32, 64, True): 212, (8, 32, 64, False): 100,
     (16, 0, 32, True): 148, (16, 0, 64, True): 276, (16, 0, 64, False): 148,
-    (16, 64, 16, True): 236, (16, 64, 16, False): 200, (16, 64, 32, True): 330, (16, 64, 32, False): 240,
-    (16, 64, 64, True): 430, (16, 64, 64, False): 290,
+    (16, 64, 16, True): 236, (16, 64, 16, False): 216, (16, 64, 32, True): 330, (16, 64, 32, False): 244,
+    (16, 64, 64, True): 430, (16, 64, 64, False): 308,
 }
 
 
@@ -172,9 +178,9 @@ if _backend.triton_importable():
         if BLOCK_F > 0:
             u = tl.where(valid & (s != float("-inf")), s, 0.0)
             x = tl.reshape(u, (BLOCK_H, BLOCK_I * BLOCK_J))
-            h1 = leaky_relu(dot_ieee_k16(w1, x) + b1[:, None], SLOPE)  # K = BLOCK_H
-            h2 = leaky_relu(dot_ieee(w2, h1) + b2[:, None], SLOPE)
-            m = dot_ieee(w3, h2) + b3[:, None]  # (BLOCK_H, BLOCK_I·BLOCK_J)
+            h1 = leaky_relu(dot_near_fp32(w1, x, q) + b1[:, None], SLOPE)  # K = BLOCK_H
+            h2 = leaky_relu(dot_near_fp32(w2, h1, q) + b2[:, None], SLOPE)
+            m = dot_near_fp32(w3, h2, q) + b3[:, None]  # (BLOCK_H, BLOCK_I·BLOCK_J)
             z = s + tl.reshape(m, (BLOCK_H, BLOCK_I, BLOCK_J))
         z = z + _tile(Noise, sn_b, sn_h, sn_i, sn_j, b64, oh, rows, oj, valid, has_noise)
         return s, x, h1, h2, z
@@ -302,17 +308,17 @@ if _backend.triton_importable():
                 ds = dz
                 if BLOCK_F > 0:
                     dm = tl.reshape(dz, (BLOCK_H, BLOCK_I * BLOCK_J))
-                    gw3 += dot_ieee(dm, tl.trans(h2))
+                    gw3 += dot_as(dm, tl.trans(h2), q)
                     gb3 += tl.sum(dm, axis=1)
-                    dh2 = dot_ieee_k16(tl.trans(w3), dm)  # K = BLOCK_H
+                    dh2 = dot_as(tl.trans(w3), dm, q)  # K = BLOCK_H
                     dh2 = tl.where(h2 > 0, dh2, dh2 * SLOPE)
-                    gw2 += dot_ieee(dh2, tl.trans(h1))
+                    gw2 += dot_as(dh2, tl.trans(h1), q)
                     gb2 += tl.sum(dh2, axis=1)
-                    dh1 = dot_ieee(tl.trans(w2), dh2)
+                    dh1 = dot_as(tl.trans(w2), dh2, q)
                     dh1 = tl.where(h1 > 0, dh1, dh1 * SLOPE)
-                    gw1 += dot_ieee(dh1, tl.trans(x))
+                    gw1 += dot_as(dh1, tl.trans(x), q)
                     gb1 += tl.sum(dh1, axis=1)
-                    du = tl.reshape(dot_ieee(tl.trans(w1), dh1), (BLOCK_H, BLOCK_I, BLOCK_J))
+                    du = tl.reshape(dot_as(tl.trans(w1), dh1, q), (BLOCK_H, BLOCK_I, BLOCK_J))
                     ds = dz + tl.where(valid & (s != float("-inf")), du, 0.0)
                 tl.store(dPrev + b64 * sdp_b + oh * sdp_h + rows * sdp_i + cols * sdp_j,
                          ds.to(dPrev.dtype.element_ty), mask=valid & ((oh * 0 + has_prev) != 0))
