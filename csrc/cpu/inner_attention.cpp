@@ -3,9 +3,11 @@
 // at::parallel_for over the S·H (sequence, head) pairs; every pair is independent and each output
 // element is written by exactly one task, so results are deterministic. Per pair, the inputs are
 // copied into per-thread buffers in the accumulation type (float for float16 / bfloat16 / float32,
-// double for float64), with k, v and the gradients kept transposed (head_dim × m) so that every
-// inner loop runs over the m tokens and vectorizes; the float path is compiled once per ISA level
-// (TNT_TARGET_CLONES, chosen at load time) and uses a branch-free exp that vectorizes.
+// double for float64), laid out so that every inner loop runs over the m tokens and vectorizes: the
+// forward keeps the scores transposed (keys × queries), so the softmax's max and sum over the keys
+// are element-wise over the queries (no serial reductions); the backward keeps k, v and the
+// gradients transposed (head_dim × m). The float path is compiled once per ISA level
+// (TNT_TARGET_CLONES, chosen at load time) and uses a branch-free exp and log that vectorize.
 //
 //   forward:  S = q kᵀ·scale;  P = softmax_rows(S);  out = P v;  lse_i = log Σ_j exp(S_ij)
 //   backward: P = exp(S − lse);  dP = dO vᵀ;  dS = P ⊙ (dP − rowsum(dO ⊙ O))·scale
@@ -19,6 +21,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "tntkernels/cpu_vec.h"
@@ -54,18 +57,55 @@ TNT_INLINE float exp_f32(float x) {
   y = x > hi ? std::numeric_limits<float>::infinity() : y;
   return x != x ? x : y;
 }
+// log(x) for float without branches (Cephes logf: x = f·2^e with f in [√½, √2), a degree-9
+// polynomial in f − 1; relative error ≈ 1e-7). log(0) = −inf, log(+inf) = +inf, NaN and x < 0 give
+// NaN. Subnormal x is treated as 0 (the softmax sums it serves are 0 or >= 1).
+TNT_INLINE float log_f32(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  int32_t e = ((bits >> 23) & 0xff) - 126;
+  int32_t mbits = (bits & 0x007fffff) | 0x3f000000;  // the mantissa as f in [0.5, 1)
+  float f;
+  std::memcpy(&f, &mbits, sizeof(f));
+  const bool small = f < 0.707106781186547524f;
+  e = small ? e - 1 : e;
+  f = small ? f + f - 1.0f : f - 1.0f;
+  const float z = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  const float fe = static_cast<float>(e);
+  y = y + fe * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  float r = f + y + fe * 0.693359375f;
+  r = x < 1.17549435e-38f ? -std::numeric_limits<float>::infinity() : r;  // 0 and subnormals
+  r = x == std::numeric_limits<float>::infinity() ? x : r;
+  r = x < 0.0f ? std::numeric_limits<float>::quiet_NaN() : r;
+  return x != x ? x : r;
+}
 TNT_INLINE double exp_acc(double x) { return std::exp(x); }
 TNT_INLINE float exp_acc(float x) { return exp_f32(x); }
+TNT_INLINE double log_acc(double x) { return std::log(x); }
+TNT_INLINE float log_acc(float x) { return log_f32(x); }
 
 // Per-thread scratch for one (sequence, head) pair; sizes grow to the largest pair seen.
 template <typename acc_t>
 struct Scratch {
-  std::vector<acc_t> q, kt, vt, s, st, g, gt, o, dqt, dkt, dvt;
+  std::vector<acc_t> q, kt, vt, s, st, g, gt, o, dqt, dkt, dvt, qt, k, v, mx, sum;
   void resize(int64_t m, int64_t d, int64_t dv) {
-    for (auto* b : {&q, &kt, &dqt, &dkt}) b->resize(m * d);
-    for (auto* b : {&vt, &g, &gt, &o, &dvt}) b->resize(m * dv);
+    for (auto* b : {&q, &kt, &dqt, &dkt, &qt, &k}) b->resize(m * d);
+    for (auto* b : {&vt, &g, &gt, &o, &dvt, &v}) b->resize(m * dv);
     s.resize(m * m);
     st.resize(m * m);
+    mx.resize(m);
+    sum.resize(m);
   }
 };
 
@@ -118,24 +158,47 @@ TNT_INLINE void transpose(const acc_t* __restrict__ src, acc_t* __restrict__ dst
     for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
 }
 
-// One pair, forward: fills s with P (m × m), ot (dv × m) with outᵀ, lse (m).
+// Pair `pair`'s qᵀ (d × m), k (m × d) and v (m × dv) into w, for the forward.
+template <typename scalar_t, typename acc_t>
+TNT_INLINE void load_qkv_forward(Scratch<acc_t>& w, const scalar_t* q, const scalar_t* k, const scalar_t* v,
+                                 int64_t pair, int64_t m, int64_t d, int64_t dv) {
+  load_matrix(q + pair * m * d, w.qt.data(), m, d, true);
+  load_matrix(k + pair * m * d, w.k.data(), m, d, false);
+  load_matrix(v + pair * m * dv, w.v.data(), m, dv, false);
+}
+
+// One pair, forward, on the scores transposed (keys × queries), so every loop below runs over the
+// queries and vectorizes, the max and sum over the keys included (per query, in key order: the
+// same order for any thread count): fills o with outᵀ (dv × m) and lse (m).
 template <typename acc_t>
 TNT_INLINE void pair_forward(Scratch<acc_t>& w, acc_t* lse, int64_t m, int64_t d, int64_t dv, acc_t scale) {
-  scores(w.q.data(), w.kt.data(), w.s.data(), m, d, scale);
-  for (int64_t i = 0; i < m; ++i) {
-    acc_t* si = w.s.data() + i * m;
-    acc_t mx = -std::numeric_limits<acc_t>::infinity();
-    for (int64_t j = 0; j < m; ++j) mx = si[j] > mx ? si[j] : mx;
-    const acc_t shift = mx == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : mx;
-    for (int64_t j = 0; j < m; ++j) si[j] = exp_acc(si[j] - shift);
-    acc_t sum = 0;
-    for (int64_t j = 0; j < m; ++j) sum += si[j];
-    const acc_t inv = acc_t(1) / sum;
-    for (int64_t j = 0; j < m; ++j) si[j] *= inv;
-    lse[i] = shift + std::log(sum);
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  acc_t* __restrict__ st = w.st.data();
+  acc_t* __restrict__ mx = w.mx.data();
+  acc_t* __restrict__ sum = w.sum.data();
+  for (int64_t j = 0; j < m; ++j) {  // Sᵀ[j, :] = Σ_c k[j, c]·scale · qᵀ[c, :]
+    acc_t* sj = st + j * m;
+    for (int64_t i = 0; i < m; ++i) sj[i] = 0;
+    for (int64_t c = 0; c < d; ++c) axpy(sj, w.k[j * d + c] * scale, w.qt.data() + c * m, m);
   }
-  transpose(w.s.data(), w.st.data(), m, m);                         // Pᵀ (m × m)
-  matmul_rows(w.vt.data(), w.st.data(), w.o.data(), dv, m, m);      // outᵀ = vᵀ Pᵀ (dv × m)
+  for (int64_t i = 0; i < m; ++i) mx[i] = -inf;
+  for (int64_t j = 0; j < m; ++j)
+    for (int64_t i = 0; i < m; ++i) mx[i] = st[j * m + i] > mx[i] ? st[j * m + i] : mx[i];
+  for (int64_t i = 0; i < m; ++i) mx[i] = mx[i] == -inf ? acc_t(0) : mx[i];  // a fully masked row: no inf − inf
+  for (int64_t j = 0; j < m; ++j)
+    for (int64_t i = 0; i < m; ++i) st[j * m + i] = exp_acc(st[j * m + i] - mx[i]);
+  for (int64_t i = 0; i < m; ++i) sum[i] = 0;
+  for (int64_t j = 0; j < m; ++j)
+    for (int64_t i = 0; i < m; ++i) sum[i] += st[j * m + i];
+  for (int64_t i = 0; i < m; ++i) lse[i] = mx[i] + log_acc(sum[i]);
+  for (int64_t i = 0; i < m; ++i) sum[i] = acc_t(1) / sum[i];
+  for (int64_t j = 0; j < m; ++j)
+    for (int64_t i = 0; i < m; ++i) st[j * m + i] *= sum[i];  // Pᵀ
+  for (int64_t c = 0; c < dv; ++c) {  // outᵀ[c, :] = Σ_j v[j, c] · Pᵀ[j, :]
+    acc_t* oc = w.o.data() + c * m;
+    for (int64_t i = 0; i < m; ++i) oc[i] = 0;
+    for (int64_t j = 0; j < m; ++j) axpy(oc, w.v[j * dv + c], st + j * m, m);
+  }
 }
 
 // One pair, backward, given q, kt, vt, g = dO (m × dv), gt = dOᵀ, o = outᵀ (dv × m) and lse:
@@ -184,6 +247,154 @@ void pair_backward_any(Scratch<double>& w, const double* lse, int64_t m, int64_t
   pair_backward<double>(w, lse, m, d, dv, scale);
 }
 
+// ---- m = 16 (TNT's 4×4 words) in float: one 16-lane vector per row of the 16×16 tile --------------
+// The tile's rows live in GCC vectors of 16 floats (Vec<float>: one zmm in the AVX-512 clone), indexed
+// by the queries (the forward's scores transposed, keys × queries) or by the keys; every GEMM is a
+// broadcast-FMA over such rows, accumulated in registers; exp / log run as loops over stack arrays
+// that vectorize. Inputs of one pair are read straight from the contiguous (m, d) rows, no scratch.
+constexpr int64_t kM = 16;
+constexpr int64_t kFastMaxDim = 64;  // d, dv of the fast path (TNT's inner 6 / 10, RTNT's letters)
+using V16 = Vec<float>::type;
+static_assert(Vec<float>::C == kM, "one vector per tile row");
+
+// dst[c][i] = src[i·cols + c]·mul: the transpose of a (16 × cols) row-major block.
+TNT_INLINE void load_t16(const float* __restrict__ src, float (*__restrict__ dst)[kM], int64_t cols, float mul) {
+  for (int64_t c = 0; c < cols; ++c)
+    for (int64_t i = 0; i < kM; ++i) dst[c][i] = src[i * cols + c] * mul;
+}
+// dst[i·cols + c] = src[c][i].
+TNT_INLINE void store_t16(const float (*__restrict__ src)[kM], float* __restrict__ dst, int64_t cols) {
+  for (int64_t i = 0; i < kM; ++i)
+    for (int64_t c = 0; c < cols; ++c) dst[i * cols + c] = src[c][i];
+}
+// The 16 × 16 tile a (one vector per row) transposed in registers: four butterfly stages, each
+// swapping the off-diagonal B × B blocks of every 2B × 2B block with one two-input shuffle per row
+// (a vpermt2ps each in the AVX-512 clone).
+using I16 = int32_t __attribute__((vector_size(64)));
+template <int B>
+TNT_INLINE void transpose_stage(V16* a) {
+  I16 lo, hi;
+  for (int l = 0; l < kM; ++l) {
+    lo[l] = (l & B) ? kM + l - B : l;
+    hi[l] = (l & B) ? kM + l : l + B;
+  }
+  for (int r = 0; r < kM; ++r) {
+    if (r & B) continue;
+    const V16 x = a[r], y = a[r + B];
+    a[r] = __builtin_shuffle(x, y, lo);
+    a[r + B] = __builtin_shuffle(x, y, hi);
+  }
+}
+TNT_INLINE void transpose16(V16* a) {
+  transpose_stage<8>(a);
+  transpose_stage<4>(a);
+  transpose_stage<2>(a);
+  transpose_stage<1>(a);
+}
+// st[j] = Σ_c k[j, c] · qt[c]: the scores transposed (keys × queries), qt already scaled.
+TNT_INLINE void scores_t16(const float* __restrict__ k, const float (*__restrict__ qt)[kM], float (*__restrict__ st)[kM],
+                           int64_t d) {
+  for (int64_t j = 0; j < kM; ++j) {
+    V16 acc = V16{};
+    for (int64_t c = 0; c < d; ++c) acc += k[j * d + c] * vload(qt[c]);
+    vstore(st[j], acc);
+  }
+}
+
+// One pair, forward. q, k: (16, d), v: (16, dv), out: (16, dv), row-major; lse: 16 floats.
+// D, DV > 0: head dims fixed at compile time (the loops over them unroll); 0: the runtime d, dv.
+template <int64_t D, int64_t DV>
+TNT_INLINE void pair_forward16_body(const float* q, const float* k, const float* v, float* out, float* lse, int64_t d_rt, int64_t dv_rt, float scale) {
+  const int64_t d = D > 0 ? D : d_rt, dv = DV > 0 ? DV : dv_rt;
+  alignas(64) float qt[kFastMaxDim][kM], p[kM][kM], ot[kFastMaxDim][kM], mx[kM], sum[kM];
+  load_t16(q, qt, d, scale);
+  scores_t16(k, qt, p, d);
+  const float inf = std::numeric_limits<float>::infinity();
+  V16 m = vload(p[0]);
+  for (int64_t j = 1; j < kM; ++j) {
+    const V16 s = vload(p[j]);
+    m = s > m ? s : m;
+  }
+  m = m == -inf ? V16{} : m;  // a fully masked row: shift by 0, no inf − inf
+  vstore(mx, m);
+  for (int64_t j = 0; j < kM; ++j)
+    for (int64_t i = 0; i < kM; ++i) p[j][i] = exp_f32(p[j][i] - mx[i]);
+  V16 s = V16{};
+  for (int64_t j = 0; j < kM; ++j) s += vload(p[j]);  // per query, in key order
+  vstore(sum, s);
+  for (int64_t i = 0; i < kM; ++i) lse[i] = mx[i] + log_f32(sum[i]);
+  const V16 inv = 1.0f / s;
+  for (int64_t c = 0; c < dv; ++c) {  // outᵀ[c] = (Σ_j v[j, c] · Pᵀ[j]) / sum
+    V16 acc = V16{};
+    for (int64_t j = 0; j < kM; ++j) acc += v[j * dv + c] * vload(p[j]);
+    vstore(ot[c], acc * inv);
+  }
+  store_t16(ot, out, dv);
+}
+
+TNT_TARGET_CLONES void pair_forward16(const float* q, const float* k, const float* v, float* out, float* lse,
+                                      int64_t d, int64_t dv, float scale) {
+  if (d == 6 && dv == 6) pair_forward16_body<6, 6>(q, k, v, out, lse, d, dv, scale);  // TNT-S
+  else if (d == 10 && dv == 10) pair_forward16_body<10, 10>(q, k, v, out, lse, d, dv, scale);  // TNT-B
+  else pair_forward16_body<0, 0>(q, k, v, out, lse, d, dv, scale);
+}
+
+// One pair, backward, on vectors over the keys (rows of S, P, dS indexed by the query): dK and dV
+// are broadcast-FMAs over those rows; dQ takes dSᵀ, one register transpose. g = dO, o = out: (16, dv);
+// lse: 16 floats; writes dq, dk (16, d), dvo (16, dv).
+// D, DV > 0: head dims fixed at compile time (the loops over them unroll); 0: the runtime d, dv.
+template <int64_t D, int64_t DV>
+TNT_INLINE void pair_backward16_body(const float* g, const float* q, const float* k, const float* v, const float* o, const float* lse, float* dq, float* dk, float* dvo, int64_t d_rt, int64_t dv_rt, float scale) {
+  const int64_t d = D > 0 ? D : d_rt, dv = DV > 0 ? DV : dv_rt;
+  alignas(64) float kt[kFastMaxDim][kM], vt[kFastMaxDim][kM], p[kM][kM], res[kFastMaxDim][kM];
+  load_t16(k, kt, d, 1.0f);
+  load_t16(v, vt, dv, 1.0f);
+  for (int64_t i = 0; i < kM; ++i) {  // S[i] = Σ_c (q[i, c]·scale) kᵀ[c]: the forward's products and order
+    V16 acc = V16{};
+    for (int64_t c = 0; c < d; ++c) acc += (q[i * d + c] * scale) * vload(kt[c]);
+    vstore(p[i], acc - lse[i]);
+  }
+  for (int64_t i = 0; i < kM; ++i)
+    for (int64_t j = 0; j < kM; ++j) p[i][j] = exp_f32(p[i][j]);  // P
+  V16 ds[kM];
+  for (int64_t i = 0; i < kM; ++i) {  // dS[i] = P[i] ⊙ (dP[i] − delta_i)·scale, dP[i] = Σ_c dO[i, c] vᵀ[c]
+    float delta = 0.0f;  // rowsum(dO ⊙ out)
+    for (int64_t c = 0; c < dv; ++c) delta += g[i * dv + c] * o[i * dv + c];
+    V16 dp = V16{};
+    for (int64_t c = 0; c < dv; ++c) dp += g[i * dv + c] * vload(vt[c]);
+    ds[i] = vload(p[i]) * (dp - delta) * scale;
+  }
+  for (int64_t c = 0; c < d; ++c) {  // dKᵀ[c] = Σ_i q[i, c] dS[i]
+    V16 acc = V16{};
+    for (int64_t i = 0; i < kM; ++i) acc += q[i * d + c] * ds[i];
+    vstore(res[c], acc);
+  }
+  store_t16(res, dk, d);
+  for (int64_t c = 0; c < dv; ++c) {  // dVᵀ[c] = Σ_i dO[i, c] P[i]
+    V16 acc = V16{};
+    for (int64_t i = 0; i < kM; ++i) acc += g[i * dv + c] * vload(p[i]);
+    vstore(res[c], acc);
+  }
+  store_t16(res, dvo, dv);
+  transpose16(ds);  // dSᵀ: ds[j] over the queries
+  for (int64_t c = 0; c < d; ++c) {  // dQᵀ[c] = Σ_j k[j, c] dSᵀ[j]
+    V16 acc = V16{};
+    for (int64_t j = 0; j < kM; ++j) acc += k[j * d + c] * ds[j];
+    vstore(res[c], acc);
+  }
+  store_t16(res, dq, d);
+}
+
+TNT_TARGET_CLONES void pair_backward16(const float* g, const float* q, const float* k, const float* v, const float* o,
+                                       const float* lse, float* dq, float* dk, float* dvo, int64_t d, int64_t dv,
+                                       float scale) {
+  if (d == 6 && dv == 6) pair_backward16_body<6, 6>(g, q, k, v, o, lse, dq, dk, dvo, d, dv, scale);  // TNT-S
+  else if (d == 10 && dv == 10) pair_backward16_body<10, 10>(g, q, k, v, o, lse, dq, dk, dvo, d, dv, scale);  // TNT-B
+  else pair_backward16_body<0, 0>(g, q, k, v, o, lse, dq, dk, dvo, d, dv, scale);
+}
+
+bool fast16(int64_t m, int64_t d, int64_t dv) { return m == kM && d <= kFastMaxDim && dv <= kFastMaxDim; }
+
 // f(w, pair) for every (sequence, head) pair, over at::parallel_for tasks, each with its own scratch w.
 template <typename acc_t, typename F>
 void for_each_pair(int64_t pairs, int64_t m, int64_t d, int64_t dv, const F& f) {
@@ -199,8 +410,18 @@ void inner_attention_fwd_cpu_kernel(const scalar_t* q, const scalar_t* k, const 
                                     at::opmath_type<scalar_t>* lse, int64_t pairs, int64_t m, int64_t d,
                                     int64_t dv, double scale) {
   using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (fast16(m, d, dv)) {
+      at::parallel_for(0, pairs, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t pair = begin; pair < end; ++pair)
+          pair_forward16(q + pair * m * d, k + pair * m * d, v + pair * m * dv, out + pair * m * dv, lse + pair * m,
+                         d, dv, static_cast<float>(scale));
+      });
+      return;
+    }
+  }
   for_each_pair<acc_t>(pairs, m, d, dv, [&](Scratch<acc_t>& w, int64_t pair) {
-    load_qkv(w, q, k, v, pair, m, d, dv);
+    load_qkv_forward(w, q, k, v, pair, m, d, dv);
     pair_forward_any(w, lse + pair * m, m, d, dv, static_cast<acc_t>(scale));
     scalar_t* o = out + pair * m * dv;
     for (int64_t i = 0; i < m; ++i)
@@ -214,6 +435,17 @@ void inner_attention_bwd_cpu_kernel(const scalar_t* dout, const scalar_t* q, con
                                     scalar_t* dk, scalar_t* dv_out, int64_t pairs, int64_t m, int64_t d, int64_t dv,
                                     double scale) {
   using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (fast16(m, d, dv)) {
+      at::parallel_for(0, pairs, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t pair = begin; pair < end; ++pair)
+          pair_backward16(dout + pair * m * dv, q + pair * m * d, k + pair * m * d, v + pair * m * dv,
+                          out + pair * m * dv, lse + pair * m, dq + pair * m * d, dk + pair * m * d,
+                          dv_out + pair * m * dv, d, dv, static_cast<float>(scale));
+      });
+      return;
+    }
+  }
   for_each_pair<acc_t>(pairs, m, d, dv, [&](Scratch<acc_t>& w, int64_t pair) {
     load_qkv(w, q, k, v, pair, m, d, dv);
     load_matrix(dout + pair * m * dv, w.g.data(), m, dv, false);

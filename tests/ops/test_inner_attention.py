@@ -19,6 +19,9 @@ SHAPES = [  # (S, H, m, d, dv): awkward word counts and TNT head dims
     (2, 2, 9, 6, 12),   # dv != d
     (1, 3, 49, 10, 10),
     (2, 2, 17, 64, 64),
+    (2, 3, 16, 8, 4),   # m 16, other head dims: the C++ fast path with runtime d, dv
+    (1, 2, 16, 64, 33),  # ... at its widest
+    (1, 1, 16, 70, 3),  # m 16 past the fast path's head_dim 64: the general C++ path
 ]
 
 
