@@ -55,6 +55,28 @@ def test_bench_inner_attention_smoke(tmp_path):
         assert (tmp_path / "cpu.png").stat().st_size > 0
 
 
+@pytest.mark.cpp
+def test_bench_cpu_smoke(tmp_path, capsys):
+    """The CPU side-by-side table: one row per op, ours against every PyTorch candidate, ratios
+    consistent with the medians, backend=None timed, and the Markdown table printed."""
+    if not _backend.cpp_available():
+        pytest.skip("needs tntkernels._C (the C++ CPU ops)")
+    out = tmp_path / "cpu_table.json"
+    load("bench_cpu").main(["--device", "cpu", "--quick", "--threads", "1", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["meta"]["cpu_model"] and data["meta"]["threads"] == 1 and data["complete"] is True
+    ops = [r["op"] for r in data["rows"]]
+    assert ops == ["inner_attention", "nested_attention realformer", "nested_attention coda", "hsim_split_linear"]
+    for r in data["rows"]:
+        assert r["ours_ms"] > 0 and all(v > 0 for v in r["pytorch_ms"].values())
+        assert abs(r["ratio"] - r["pytorch_ms"][r["best"]] / r["ours_ms"]) < 1e-9
+        assert r["pytorch_ms"][r["best"]] == min(r["pytorch_ms"].values())
+        assert r["auto_ms"] > 0  # backend=None timed too
+    assert "dense nn.Linear" in data["rows"][-1]["context_ms"]  # timed, not in the ratio
+    printed = capsys.readouterr().out
+    assert "| inner_attention, S 32, H 4, m 16, d 6 |" in printed and "| backend=None |" in printed
+
+
 def test_bench_nested_attention_smoke(tmp_path):
     out = tmp_path / "nested.json"
     load("bench_nested_attention").main(["--device", "cpu", "--quick", "--batch", "1", "--out", str(out)])
