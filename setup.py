@@ -108,7 +108,9 @@ def _extension():
     print(f"tntkernels: building the C++ CPU ops and the CUDA kernels for TORCH_CUDA_ARCH_LIST={archs} ({reason})")
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     define_macros += [("TNTKERNELS_WITH_CUDA", None), ("TNTKERNELS_CUDA_ARCHS", f'"{archs}"')]
-    nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--threads", os.environ.get("NVCC_THREADS", "2")]
+    # -Xptxas=-v: ptxas prints every kernel's registers, stack frame and spills into the build log
+    # (scripts/quickstart.sh summarises sm_90's; tests/ops/cpp/test_cuda_resources.py checks them)
+    nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--threads", os.environ.get("NVCC_THREADS", "2"), "-Xptxas=-v"]
     for inc in _pip_cuda_include_dirs():
         cxx += ["-idirafter", inc]
         nvcc += ["-Xcompiler", "-idirafter", "-Xcompiler", inc]

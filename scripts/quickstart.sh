@@ -51,6 +51,11 @@ if [ ! -f "$stamp" ] || ! python -c "import tntkernels._C" 2>/dev/null; then
   fi
   grep -E "^ *tntkernels: building" "$VENV/build.log" | head -1 || true
   grep -E "bin/nvcc .*\.cu" "$VENV/build.log" | grep -oE "csrc/cuda/[^ ]*\.cu" | sort -u | sed 's/^/  nvcc compiled: /' || true
+  # ptxas -v (setup.py): the sm_90 kernels with a stack frame (spills or local arrays), float64 aside
+  awk "/Compiling entry function .* for 'sm_90'/ {name=\$0; next} /bytes stack frame/ && name != \"\" {
+         if (\$1 != 0 && name !~ /Id(Li|EE)/) n++; total++; name=\"\" }
+       END { if (total) printf \"  ptxas (sm_90): %d kernels, %d non-float64 with a stack frame (build log: ptxas info)\\n\", total, n }" \
+    "$VENV/build.log" || true
   rm -f "$VENV"/.tntkernels-build-*; touch "$stamp"
 fi
 python -m tntkernels
