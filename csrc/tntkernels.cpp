@@ -25,12 +25,14 @@ TORCH_LIBRARY(tntkernels, m) {
   m.def(
       "nested_attention(Tensor q, Tensor k, Tensor v, Tensor? prev_logits, Tensor[] head_mlp, Tensor? noise, "
       "float scale) -> (Tensor, Tensor, Tensor)");
-  // Gradients of nested_attention from the saved out, logits and lse; grad_logits may be None (zero).
+  // Gradients of nested_attention from the saved out and lse; grad_logits may be None (zero). The logits are
+  // recomputed in float32 from the forward's inputs (noise included), as the forward computed them before
+  // rounding to q's dtype, so P = exp(Z − lse) is the forward's softmax in every dtype.
   // Returns [dq, dk, dv, dprev] (dprev has 0 elements when prev_logits is None), followed by the six MLP
   // gradients [dw1, db1, dw2, db2, dw3, db3] only when the MLP was used (prev_logits given, head_mlp non-empty).
   m.def(
       "nested_attention_backward(Tensor grad_out, Tensor? grad_logits, Tensor q, Tensor k, Tensor v, "
-      "Tensor? prev_logits, Tensor[] head_mlp, Tensor out, Tensor logits, Tensor lse, float scale) -> Tensor[]");
+      "Tensor? prev_logits, Tensor[] head_mlp, Tensor? noise, Tensor out, Tensor lse, float scale) -> Tensor[]");
   // TinT's H_sim-split linear map on x (N, D), D = H·d (docs/tint.md §1):
   //   mix:   z[n, g, k] = Σ_h x[n, h, k] M[k, h, g] + m[k, g]     mix_weight M (d, H, H), mix_bias m (d, H)
   //   block: y[n, g, :] = z[n, g, :] @ A[g] + a[g]               block_weight A (H, d, d), block_bias a (H, d)

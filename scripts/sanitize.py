@@ -94,7 +94,7 @@ def nested_attention(gen, dev, dtype):
         g = _rand(gen, B, H, T, dv, dtype=dtype, dev=dev)
         gl = _rand(gen, B, H, T, T, dtype=dtype, dev=dev) if has_gl else None
         bname = name.replace("nested_attention[", "nested_attention_backward[") + ("" if has_gl else " grad_logits=None")
-        _check(bname, ops.nested_attention_backward(g, gl, q, k, v, prev, mlp, out, logits, lse, scale), dev)
+        _check(bname, ops.nested_attention_backward(g, gl, q, k, v, prev, mlp, noise, out, lse, scale), dev)
 
 
 def hsim_split(gen, dev, dtype):

@@ -5,7 +5,8 @@
 //
 //   forward:  S = scale q kᵀ (+ prev);  Z = S + MLP(U) (CODA, prev given; U = S with −inf → 0) or Z = S;
 //             Z += noise;  P = softmax_rows(Z);  out = P v;  lse = log Σ_j exp(Z_ij)
-//   backward: P = exp(Z − lse);  dV = Pᵀ gO;  dP = gO vᵀ;  dZ = gZ + P ⊙ (dP − rowsum(dP ⊙ P));
+//   backward: Z recomputed as the forward computed it (accumulation type, noise included: the returned
+//             logits may be rounded to fp16 / bf16);  P = exp(Z − lse);  dV = Pᵀ gO;  dP = gO vᵀ;  dZ = gZ + P ⊙ (dP − rowsum(dP ⊙ P));
 //             CODA: back through the MLP, dS = dZ + dU (dU = 0 where S = −inf); else dS = dZ;
 //             dprev = dS;  dq = scale dS k;  dk = scale dSᵀ q.
 //
@@ -115,31 +116,40 @@ inline void mlp_hidden(Work<acc_t>& w, const std::vector<acc_t>& W, int64_t H, i
   leaky(w.a2.data(), F * TT);
 }
 
+// Z (H × T²) = S + head-MLP(S) (CODA) or S, + noise, in the accumulation type, into w.z; after compute_s.
+// The forward and the backward both call it, so the backward's P = exp(Z − lse) is the forward's softmax
+// exactly, whatever dtype the returned logits were rounded to. Leaves w.u, a1, a2 set for the MLP backward.
+template <typename scalar_t, typename acc_t>
+inline void compute_z(Work<acc_t>& w, const std::vector<acc_t>& W, bool mlp, const scalar_t* noise, int64_t H,
+                      int64_t TT) {
+  acc_t* z = w.z.data();
+  if (mlp) {
+    const int64_t F = 4 * H;
+    mlp_hidden(w, W, H, TT);
+    const acc_t *w3 = W.data() + F * H + F + F * F + F, *b3 = w3 + H * F;
+    linear(w3, b3, w.a2.data(), z, H, F, TT);
+    for (int64_t x = 0; x < H * TT; ++x) z[x] += w.s[x];
+  } else {
+    std::copy(w.s.begin(), w.s.end(), w.z.begin());
+  }
+  if (noise)
+    for (int64_t x = 0; x < H * TT; ++x) z[x] += acc_t(noise[x]);
+}
+
 template <typename scalar_t>
 void nested_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, const scalar_t* prev,
                        const std::vector<at::opmath_type<scalar_t>>& W, bool mlp, const scalar_t* noise, scalar_t* out,
                        scalar_t* logits, at::opmath_type<scalar_t>* lse, int64_t B, int64_t H, int64_t T, int64_t d,
                        int64_t dv, double scale_d) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t TT = T * T, F = 4 * H;
+  const int64_t TT = T * T;
   const acc_t scale = static_cast<acc_t>(scale_d);
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     Work<acc_t> w(H, T, d, dv, mlp);
     for (int64_t b = begin; b < end; ++b) {
       compute_s(w, q + b * H * T * d, k + b * H * T * d, prev ? prev + b * H * TT : nullptr, H, T, d, scale);
+      compute_z(w, W, mlp, noise ? noise + b * H * TT : nullptr, H, TT);
       acc_t* z = w.z.data();
-      if (mlp) {
-        mlp_hidden(w, W, H, TT);
-        const acc_t *w3 = W.data() + F * H + F + F * F + F, *b3 = w3 + H * F;
-        linear(w3, b3, w.a2.data(), z, H, F, TT);
-        for (int64_t x = 0; x < H * TT; ++x) z[x] += w.s[x];
-      } else {
-        std::copy(w.s.begin(), w.s.end(), w.z.begin());
-      }
-      if (noise) {
-        const scalar_t* nb = noise + b * H * TT;
-        for (int64_t x = 0; x < H * TT; ++x) z[x] += acc_t(nb[x]);
-      }
       scalar_t* lg = logits + b * H * TT;
       for (int64_t x = 0; x < H * TT; ++x) lg[x] = static_cast<scalar_t>(z[x]);
       load(v + b * H * T * dv, w.v.data(), H * T * dv);
@@ -170,7 +180,7 @@ void nested_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, 
 template <typename scalar_t>
 void nested_bwd_kernel(const scalar_t* gout, const scalar_t* gz, const scalar_t* q, const scalar_t* k,
                        const scalar_t* v, const scalar_t* prev, const std::vector<at::opmath_type<scalar_t>>& W,
-                       bool mlp, const scalar_t* logits, const at::opmath_type<scalar_t>* lse, scalar_t* dq,
+                       bool mlp, const scalar_t* noise, const at::opmath_type<scalar_t>* lse, scalar_t* dq,
                        scalar_t* dk, scalar_t* dvo, scalar_t* dprev, at::opmath_type<scalar_t>* partial,
                        int64_t chunk, int64_t n_chunks, int64_t B, int64_t H, int64_t T, int64_t d, int64_t dv,
                        double scale_d) {
@@ -184,9 +194,11 @@ void nested_bwd_kernel(const scalar_t* gout, const scalar_t* gz, const scalar_t*
     for (int64_t ch = cbegin; ch < cend; ++ch) {
       acc_t* part = mlp ? partial + ch * P : nullptr;
       for (int64_t b = ch * chunk; b < std::min(B, (ch + 1) * chunk); ++b) {
+        // Z in the accumulation type (as the forward computed it); S, U and the MLP activations stay in w.
+        compute_s(w, q + b * H * T * d, k + b * H * T * d, prev ? prev + b * H * TT : nullptr, H, T, d, scale);
+        compute_z(w, W, mlp, noise ? noise + b * H * TT : nullptr, H, TT);
         acc_t* p = w.z.data();
         acc_t* dz = w.dz.data();
-        load(logits + b * H * TT, p, H * TT);
         load(v + b * H * T * dv, w.v.data(), H * T * dv);
         load(gout + b * H * T * dv, w.g.data(), H * T * dv);
         for (int64_t h = 0; h < H; ++h)
@@ -217,10 +229,8 @@ void nested_bwd_kernel(const scalar_t* gout, const scalar_t* gz, const scalar_t*
             for (int64_t c = 0; c < dv; ++c) o[c] = static_cast<scalar_t>(row[c]);
           }
         }
-        // dS: through the head-MLP (CODA) or dS = dZ. Uses w.s, w.q, w.k from compute_s.
-        compute_s(w, q + b * H * T * d, k + b * H * T * d, prev ? prev + b * H * TT : nullptr, H, T, d, scale);
+        // dS: through the head-MLP (CODA) or dS = dZ. Uses w.s, w.q, w.k, w.u, w.a1, w.a2 from above.
         if (mlp) {
-          mlp_hidden(w, W, H, TT);
           acc_t *dw1 = part, *db1 = dw1 + F * H, *dw2 = db1 + F, *db2 = dw2 + F * F, *dw3 = db2 + F,
                 *db3 = dw3 + H * F;
           weight_grad(dz, w.a2.data(), dw3, db3, H, F, TT);       // dW3 += dZ a2ᵀ
@@ -298,12 +308,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nested_attention_cpu(
 std::vector<at::Tensor> nested_attention_backward_cpu(
     const at::Tensor& grad_out_in, const c10::optional<at::Tensor>& grad_logits_in, const at::Tensor& q_in,
     const at::Tensor& k_in, const at::Tensor& v_in, const c10::optional<at::Tensor>& prev_in, at::TensorList head_mlp,
-    const at::Tensor& out_in, const at::Tensor& logits_in, const at::Tensor& lse_in, double scale) {
-  check_nested_attention_backward_inputs(grad_out_in, grad_logits_in, q_in, k_in, v_in, prev_in, head_mlp, out_in,
-                                         logits_in, lse_in);
+    const c10::optional<at::Tensor>& noise_in, const at::Tensor& out_in, const at::Tensor& lse_in, double scale) {
+  check_nested_attention_backward_inputs(grad_out_in, grad_logits_in, q_in, k_in, v_in, prev_in, head_mlp, noise_in,
+                                         out_in, lse_in);
   TNT_CHECK_DEVICE(q_in, at::Device(at::kCPU));
   const at::Tensor g = grad_out_in.contiguous(), q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(),
-                   logits = logits_in.contiguous(), lse = lse_in.contiguous();
+                   lse = lse_in.contiguous();
+  const at::Tensor noise = noise_in.has_value() ? noise_in->contiguous() : at::Tensor();
   const at::Tensor gz = grad_logits_in.has_value() ? grad_logits_in->contiguous() : at::Tensor();
   const at::Tensor prev = prev_in.has_value() ? prev_in->contiguous() : at::Tensor();
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d = q.size(3), dv = v.size(3);
@@ -324,7 +335,8 @@ std::vector<at::Tensor> nested_attention_backward_cpu(
       nested_bwd_kernel<scalar_t>(g.data_ptr<scalar_t>(), gz.defined() ? gz.data_ptr<scalar_t>() : nullptr,
                                   q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                                   prev.defined() ? prev.data_ptr<scalar_t>() : nullptr, W, mlp,
-                                  logits.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), dq.data_ptr<scalar_t>(),
+                                  noise.defined() ? noise.data_ptr<scalar_t>() : nullptr, lse.data_ptr<acc_t>(),
+                                  dq.data_ptr<scalar_t>(),
                                   dk.data_ptr<scalar_t>(), dvt.data_ptr<scalar_t>(),
                                   prev.defined() ? dprev.data_ptr<scalar_t>() : nullptr,
                                   mlp ? partial.data_ptr<acc_t>() : nullptr, chunk, n_chunks, B, H, T, d, dv, scale);

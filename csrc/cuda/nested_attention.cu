@@ -7,7 +7,9 @@
 // separated by __syncthreads:
 //   forward:  [positions (i, j)] S over heads, head-MLP in registers, Z → slot and logits;
 //             [rows (h, i)] softmax, lse, out = P v.
-//   backward: [rows (h, i)] dZ = gZ + P ⊙ (dP − rowsum(dP ⊙ P)); [columns (h, j)] dV = Pᵀ gO;
+//   backward: [positions] Z recomputed in float as the forward computed it (the returned logits may be
+//             rounded to fp16 / bf16); [columns (h, j)] dV = Pᵀ gO, P = exp(Z − lse);
+//             [rows (h, i)] dZ = gZ + P ⊙ (dP − rowsum(dP ⊙ P));
 //             CODA: [positions] recompute S, MLP activations (kept in the slot), back through the MLP,
 //             dS = dZ + dU;  [weight elements] one thread per MLP parameter sums over positions and adds
 //             to its block's row of a (grid, P) float buffer, summed with at::sum afterwards;
@@ -85,6 +87,33 @@ __device__ __forceinline__ void mlp_hidden(const float* __restrict__ W, int H, c
   }
 }
 
+// Z[h] at position (i, j) of sequence b for every head, in float: S, + head-MLP(S) when P > 0, + noise.
+// The forward and the backward both call it, so the backward's P = exp(Z − lse) is the forward's softmax
+// exactly, whatever dtype the returned logits were rounded to.
+template <typename scalar_t>
+__device__ __forceinline__ void z_at(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
+                                     const scalar_t* __restrict__ prev, const float* __restrict__ W,
+                                     const scalar_t* __restrict__ noise, int64_t b, int H, int T, int d, int i, int j,
+                                     int P, float scale, float (&s)[kMaxHeads]) {
+  scores_at(q, k, prev, b, H, T, d, i, j, scale, s);
+  if (P > 0) {
+    const int F = 4 * H;
+    const float* w3 = W + F * H + F + F * F + F;
+    const float* b3 = w3 + H * F;
+    float u[kMaxHeads], a1[kMaxMlpWidth], a2[kMaxMlpWidth];
+    mlp_hidden(W, H, s, u, a1, a2);
+    for (int h = 0; h < H; ++h) {
+      float y = b3[h];
+      for (int r = 0; r < F; ++r) y += w3[h * F + r] * a2[r];
+      s[h] += y;
+    }
+  }
+  if (noise != nullptr) {
+    const int64_t TT = static_cast<int64_t>(T) * T, pos = static_cast<int64_t>(i) * T + j;
+    for (int h = 0; h < H; ++h) s[h] += static_cast<float>(noise[(b * H + h) * TT + pos]);
+  }
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) nested_fwd_kernel(
     const scalar_t* __restrict__ q, const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
@@ -98,31 +127,16 @@ __global__ void __launch_bounds__(kThreads) nested_fwd_kernel(
   float* W = smem;  // P floats (0 without the MLP)
   for (int e = tid; e < P; e += blockDim.x) W[e] = Wg[e];
   float* z = slot_in_smem ? smem + P : ws + static_cast<int64_t>(blockIdx.x) * slot_size;
-  const int F = 4 * H;
-  const float* w3 = W + F * H + F + F * F + F;
-  const float* b3 = w3 + H * F;
   __syncthreads();
   TNT_BLOCK_STRIDE_LOOP(b, B) {
     // Positions: Z[h, i, j] over every head.
     for (int pos = tid; pos < TT; pos += blockDim.x) {
       const int i = pos / T, j = pos % T;
       float s[kMaxHeads];
-      scores_at(q, k, prev, b, H, T, d, i, j, scale, s);
-      if (P > 0) {
-        float u[kMaxHeads], a1[kMaxMlpWidth], a2[kMaxMlpWidth];
-        mlp_hidden(W, H, s, u, a1, a2);
-        for (int h = 0; h < H; ++h) {
-          float y = b3[h];
-          for (int r = 0; r < F; ++r) y += w3[h * F + r] * a2[r];
-          s[h] += y;
-        }
-      }
+      z_at(q, k, prev, W, noise, b, H, T, d, i, j, P, scale, s);
       for (int h = 0; h < H; ++h) {
-        const int64_t idx = (b * H + h) * TT + pos;
-        float zz = s[h];
-        if (noise != nullptr) zz += static_cast<float>(noise[idx]);
-        z[h * TT + pos] = zz;
-        logits[idx] = static_cast<scalar_t>(zz);
+        z[h * TT + pos] = s[h];
+        logits[(b * H + h) * TT + pos] = static_cast<scalar_t>(s[h]);
       }
     }
     __syncthreads();
@@ -157,7 +171,7 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) nested_bwd_kernel(
     const scalar_t* __restrict__ gout, const scalar_t* __restrict__ gz, const scalar_t* __restrict__ q,
     const scalar_t* __restrict__ k, const scalar_t* __restrict__ v, const scalar_t* __restrict__ prev,
-    const float* __restrict__ Wg, const scalar_t* __restrict__ logits, const float* __restrict__ lse,
+    const float* __restrict__ Wg, const scalar_t* __restrict__ noise, const float* __restrict__ lse,
     scalar_t* __restrict__ dq, scalar_t* __restrict__ dk, scalar_t* __restrict__ dvo, scalar_t* __restrict__ dprev,
     float* __restrict__ partial, float* __restrict__ ws, bool slot_in_smem, int64_t slot_size, int64_t B, int H,
     int T, int d, int dv, int P, float scale) {
@@ -179,40 +193,45 @@ __global__ void __launch_bounds__(kThreads) nested_bwd_kernel(
   float* part = partial != nullptr ? partial + static_cast<int64_t>(blockIdx.x) * P : nullptr;
   __syncthreads();
   TNT_BLOCK_STRIDE_LOOP(b, B) {
-    // Rows (h, i): dZ.
-    for (int r = tid; r < H * T; r += blockDim.x) {
-      const int h = r / T, i = r % T;
-      const int64_t bh = b * H + h, row = bh * T + i;
-      const float l = lse[row];
-      const scalar_t* zi = logits + bh * TT + static_cast<int64_t>(i) * T;
-      const scalar_t* gi = gout + row * dv;
-      const scalar_t* vb = v + bh * T * dv;
-      float* dzi = dz + h * TT + static_cast<int64_t>(i) * T;
-      float delta = 0.f;
-      for (int j = 0; j < T; ++j) {
-        const float p = expf(static_cast<float>(zi[j]) - l);
-        const float dp = dot_rows(gi, vb + j * dv, dv);
-        dzi[j] = dp;
-        delta += p * dp;
-      }
-      for (int j = 0; j < T; ++j) {
-        const float p = expf(static_cast<float>(zi[j]) - l);
-        const float g = gz != nullptr ? static_cast<float>(gz[bh * TT + static_cast<int64_t>(i) * T + j]) : 0.f;
-        dzi[j] = g + p * (dzi[j] - delta);
-      }
+    // Positions: Z in float as the forward computed it (into the dZ slot).
+    for (int pos = tid; pos < TT; pos += blockDim.x) {
+      float s[kMaxHeads];
+      z_at(q, k, prev, W, noise, b, H, T, d, pos / T, pos % T, P, scale, s);
+      for (int h = 0; h < H; ++h) dz[h * TT + pos] = s[h];
     }
-    // Columns (h, j): dV = Pᵀ gO.
+    __syncthreads();
+    // Columns (h, j): dV = Pᵀ gO, P = exp(Z − lse).
     for (int r = tid; r < H * T; r += blockDim.x) {
       const int h = r / T, j = r % T;
       const int64_t bh = b * H + h;
       float acc[kMaxHeadDim];
       for (int c = 0; c < dv; ++c) acc[c] = 0.f;
       for (int i = 0; i < T; ++i) {
-        const float p = expf(static_cast<float>(logits[bh * TT + static_cast<int64_t>(i) * T + j]) - lse[bh * T + i]);
+        const float p = expf(dz[h * TT + static_cast<int64_t>(i) * T + j] - lse[bh * T + i]);
         const scalar_t* gi = gout + (bh * T + i) * dv;
         for (int c = 0; c < dv; ++c) acc[c] += p * static_cast<float>(gi[c]);
       }
       for (int c = 0; c < dv; ++c) dvo[(bh * T + j) * dv + c] = static_cast<scalar_t>(acc[c]);
+    }
+    __syncthreads();
+    // Rows (h, i): dZ = gZ + P ⊙ (dP − rowsum(P ⊙ dP)), in place of Z (P first, then dZ).
+    for (int r = tid; r < H * T; r += blockDim.x) {
+      const int h = r / T, i = r % T;
+      const int64_t bh = b * H + h, row = bh * T + i;
+      const float l = lse[row];
+      const scalar_t* gi = gout + row * dv;
+      const scalar_t* vb = v + bh * T * dv;
+      float* dzi = dz + h * TT + static_cast<int64_t>(i) * T;
+      float delta = 0.f;
+      for (int j = 0; j < T; ++j) {
+        const float p = expf(dzi[j] - l);
+        dzi[j] = p;
+        delta += p * dot_rows(gi, vb + j * dv, dv);
+      }
+      for (int j = 0; j < T; ++j) {
+        const float g = gz != nullptr ? static_cast<float>(gz[bh * TT + static_cast<int64_t>(i) * T + j]) : 0.f;
+        dzi[j] = g + dzi[j] * (dot_rows(gi, vb + j * dv, dv) - delta);
+      }
     }
     __syncthreads();
     if (P > 0) {
@@ -364,13 +383,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nested_attention_cuda(
 std::vector<at::Tensor> nested_attention_backward_cuda(
     const at::Tensor& grad_out_in, const c10::optional<at::Tensor>& grad_logits_in, const at::Tensor& q_in,
     const at::Tensor& k_in, const at::Tensor& v_in, const c10::optional<at::Tensor>& prev_in, at::TensorList head_mlp,
-    const at::Tensor& out_in, const at::Tensor& logits_in, const at::Tensor& lse_in, double scale) {
-  check_nested_attention_backward_inputs(grad_out_in, grad_logits_in, q_in, k_in, v_in, prev_in, head_mlp, out_in,
-                                         logits_in, lse_in);
+    const c10::optional<at::Tensor>& noise_in, const at::Tensor& out_in, const at::Tensor& lse_in, double scale) {
+  check_nested_attention_backward_inputs(grad_out_in, grad_logits_in, q_in, k_in, v_in, prev_in, head_mlp, noise_in,
+                                         out_in, lse_in);
   check_cuda_range(q_in, v_in);
   const cuda::DeviceScope scope(q_in);
   const at::Tensor g = grad_out_in.contiguous(), q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(),
-                   logits = logits_in.contiguous(), lse = lse_in.contiguous();
+                   lse = lse_in.contiguous();
+  const at::Tensor noise = noise_in.has_value() ? noise_in->contiguous() : at::Tensor();
   const at::Tensor gz = grad_logits_in.has_value() ? grad_logits_in->contiguous() : at::Tensor();
   const at::Tensor prev = prev_in.has_value() ? prev_in->contiguous() : at::Tensor();
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d = q.size(3), dv = v.size(3);
@@ -393,7 +413,8 @@ std::vector<at::Tensor> nested_attention_backward_cuda(
                    g.data_ptr<scalar_t>(), gz.defined() ? gz.data_ptr<scalar_t>() : nullptr, q.data_ptr<scalar_t>(),
                    k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                    prev.defined() ? prev.data_ptr<scalar_t>() : nullptr, W.data_ptr<float>(),
-                   logits.data_ptr<scalar_t>(), lse.data_ptr<float>(), dq.data_ptr<scalar_t>(),
+                   noise.defined() ? noise.data_ptr<scalar_t>() : nullptr, lse.data_ptr<float>(),
+                   dq.data_ptr<scalar_t>(),
                    dk.data_ptr<scalar_t>(), dvt.data_ptr<scalar_t>(),
                    prev.defined() ? dprev.data_ptr<scalar_t>() : nullptr, mlp ? partial.data_ptr<float>() : nullptr,
                    l.smem_slot ? nullptr : ws.data_ptr<float>(), l.smem_slot, slot, B, static_cast<int>(H),

@@ -87,7 +87,7 @@ def test_opcheck(form, dtype):
     out, z, lse = torch.ops.tntkernels.nested_attention(*args)
     det = lambda t: None if t is None else t.detach()  # noqa: E731
     bargs = (torch.randn_like(out), torch.randn_like(z), det(q), det(k), det(v), det(prev),
-             [t.detach() for t in (mlp or ())], out.detach(), z.detach(), lse, 0.5)
+             [t.detach() for t in (mlp or ())], eps, out.detach(), lse, 0.5)
     torch.library.opcheck(torch.ops.tntkernels.nested_attention_backward.default, bargs)
 
 

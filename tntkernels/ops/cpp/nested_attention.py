@@ -4,7 +4,7 @@ Schemas (csrc/tntkernels.cpp):
     nested_attention(Tensor q, Tensor k, Tensor v, Tensor? prev_logits, Tensor[] head_mlp, Tensor? noise,
                      float scale) -> (Tensor out, Tensor logits, Tensor lse)
     nested_attention_backward(Tensor grad_out, Tensor? grad_logits, Tensor q, Tensor k, Tensor v,
-                              Tensor? prev_logits, Tensor[] head_mlp, Tensor out, Tensor logits, Tensor lse,
+                              Tensor? prev_logits, Tensor[] head_mlp, Tensor? noise, Tensor out, Tensor lse,
                               float scale) -> Tensor[]
 head_mlp is [] (RealFormer form) or (w1, b1, w2, b2, w3, b3) (CODA form); the MLP is used only when
 prev_logits is given. lse (B, H, T) is float32 (float64 for float64 inputs) and carries no gradient.
@@ -40,20 +40,15 @@ def unsupported_cuda(q: torch.Tensor, v: torch.Tensor, has_mlp: bool = True) -> 
 
 def _backward(inputs, outputs, grads, needs):
     q, k, v, prev, head_mlp, noise, scale = inputs
-    out, logits, lse = outputs
+    out, lse = outputs  # saved_outputs (0, 2)
     grad_out, grad_logits = grads
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        # The kernels rebuild P = exp(logits − lse) from the logits saved in q's dtype, while the
-        # forward's lse is that of the unrounded float32 logits: P's rows then miss 1 by ~eps·|Z|,
-        # dZ = P ∘ (dP − rowsum(P ∘ dP)) no longer sums to 0 over the keys, and dq / dk err by
-        # ~eps·|Z|·|rowsum| (bf16, |Z| ~ 10: dq ~100% off, found by the fuzz tests). The lse of the
-        # saved logits makes P exactly softmax(saved Z), as the reference's backward in this dtype.
-        lse = torch.logsumexp(logits.float(), dim=-1)
+    # The kernels recompute the logits Z in float32 (noise included) as the forward did before rounding
+    # them to q's dtype, so P = exp(Z − lse) is the forward's softmax in fp16 / bf16 too.
     res = torch.ops.tntkernels.nested_attention_backward(
         grad_out.contiguous(), None if grad_logits is None else grad_logits.contiguous(),
-        q, k, v, prev, head_mlp, out, logits, lse, scale)
+        q, k, v, prev, head_mlp, noise, out, lse, scale)
     dmlp = list(res[4:10]) if _mlp_used(prev, head_mlp) else [None] * len(head_mlp)
     return res[0], res[1], res[2], (res[3] if prev is not None else None), dmlp, None, None
 
@@ -66,7 +61,7 @@ if _backend.cpp_available():
                 q.new_empty((B, H, T), dtype=lse_dtype(q.dtype)))
 
     @torch.library.register_fake("tntkernels::nested_attention_backward")
-    def _backward_fake(grad_out, grad_logits, q, k, v, prev_logits, head_mlp, out, logits, lse, scale):
+    def _backward_fake(grad_out, grad_logits, q, k, v, prev_logits, head_mlp, noise, out, lse, scale):
         res = [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
                prev_logits.new_empty(prev_logits.shape) if prev_logits is not None else q.new_empty((0,))]
         if _mlp_used(prev_logits, head_mlp):
@@ -74,7 +69,7 @@ if _backend.cpp_available():
         return res
 
     register_kernel_autograd("tntkernels::nested_attention", reference=nested_attention_op_ref, backward=_backward,
-                             saved_outputs=(0, 1, 2), non_differentiable=(2,))
+                             saved_outputs=(0, 2), non_differentiable=(2,))
 
 
 def nested_attention(q, k, v, prev_logits, head_mlp, noise, scale: float):
