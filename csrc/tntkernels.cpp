@@ -26,8 +26,9 @@ TORCH_LIBRARY(tntkernels, m) {
       "nested_attention(Tensor q, Tensor k, Tensor v, Tensor? prev_logits, Tensor[] head_mlp, Tensor? noise, "
       "float scale) -> (Tensor, Tensor, Tensor)");
   // Gradients of nested_attention from the saved out and lse; grad_logits may be None (zero). The logits are
-  // recomputed in float32 from the forward's inputs (noise included), as the forward computed them before
-  // rounding to q's dtype, so P = exp(Z − lse) is the forward's softmax in every dtype.
+  // recomputed from the forward's inputs (noise included) in the accumulation type (float32; float64 for
+  // float64), as the forward computed them before rounding to q's dtype, so P = exp(Z − lse) is the
+  // forward's softmax in every dtype.
   // Returns [dq, dk, dv, dprev] (dprev has 0 elements when prev_logits is None), followed by the six MLP
   // gradients [dw1, db1, dw2, db2, dw3, db3] only when the MLP was used (prev_logits given, head_mlp non-empty).
   m.def(

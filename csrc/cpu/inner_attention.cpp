@@ -167,6 +167,13 @@ TNT_INLINE void load_qkv_forward(Scratch<acc_t>& w, const scalar_t* q, const sca
   load_matrix(v + pair * m * dv, w.v.data(), m, dv, false);
 }
 
+// qᵀ·scale in place: the forward's products are then k·(q·scale), the ones the backward's `scores`
+// forms, so its P = exp(S − lse) rounds as the forward's softmax did.
+template <typename acc_t>
+TNT_INLINE void scale_in_place(acc_t* x, int64_t n, acc_t scale) {
+  for (int64_t i = 0; i < n; ++i) x[i] *= scale;
+}
+
 // One pair, forward, on the scores transposed (keys × queries), so every loop below runs over the
 // queries and vectorizes, the max and sum over the keys included (per query, in key order: the
 // same order for any thread count): fills o with outᵀ (dv × m) and lse (m).
@@ -176,10 +183,11 @@ TNT_INLINE void pair_forward(Scratch<acc_t>& w, acc_t* lse, int64_t m, int64_t d
   acc_t* __restrict__ st = w.st.data();
   acc_t* __restrict__ mx = w.mx.data();
   acc_t* __restrict__ sum = w.sum.data();
-  for (int64_t j = 0; j < m; ++j) {  // Sᵀ[j, :] = Σ_c k[j, c]·scale · qᵀ[c, :]
+  scale_in_place(w.qt.data(), d * m, scale);
+  for (int64_t j = 0; j < m; ++j) {  // Sᵀ[j, :] = Σ_c k[j, c] · (qᵀ·scale)[c, :]
     acc_t* sj = st + j * m;
     for (int64_t i = 0; i < m; ++i) sj[i] = 0;
-    for (int64_t c = 0; c < d; ++c) axpy(sj, w.k[j * d + c] * scale, w.qt.data() + c * m, m);
+    for (int64_t c = 0; c < d; ++c) axpy(sj, w.k[j * d + c], w.qt.data() + c * m, m);
   }
   for (int64_t i = 0; i < m; ++i) mx[i] = -inf;
   for (int64_t j = 0; j < m; ++j)
@@ -271,6 +279,7 @@ TNT_INLINE void store_t16(const float (*__restrict__ src)[kM], float* __restrict
 // swapping the off-diagonal B × B blocks of every 2B × 2B block with one two-input shuffle per row
 // (a vpermt2ps each in the AVX-512 clone).
 using I16 = int32_t __attribute__((vector_size(64)));
+#if defined(__GNUC__) && !defined(__clang__)
 template <int B>
 TNT_INLINE void transpose_stage(V16* a) {
   I16 lo, hi;
@@ -291,6 +300,17 @@ TNT_INLINE void transpose16(V16* a) {
   transpose_stage<2>(a);
   transpose_stage<1>(a);
 }
+#else  // other compilers (clang's __builtin_shufflevector wants constant indices): through memory
+TNT_INLINE void transpose16(V16* a) {
+  alignas(64) float t[kM][kM];
+  for (int64_t i = 0; i < kM; ++i) vstore(t[i], a[i]);
+  for (int64_t i = 0; i < kM; ++i) {
+    alignas(64) float row[kM];
+    for (int64_t j = 0; j < kM; ++j) row[j] = t[j][i];
+    a[i] = vload(row);
+  }
+}
+#endif
 // st[j] = Σ_c k[j, c] · qt[c]: the scores transposed (keys × queries), qt already scaled.
 TNT_INLINE void scores_t16(const float* __restrict__ k, const float (*__restrict__ qt)[kM], float (*__restrict__ st)[kM],
                            int64_t d) {

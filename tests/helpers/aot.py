@@ -358,6 +358,9 @@ REAL_SHAPES: dict[str, dict[str, tuple]] = {
         "GPU test TNT-S outer, RealFormer": (64, 6, 197, 64, 64, "real", True, False, "t"),
         "GPU test TNT-B outer 384², CODA": (4, 10, 577, 64, 64, "coda", True, False, "c"),
         "GPU test T 49, RealFormer": (50, 3, 49, 10, 6, "real", True, False, "t"),
+        # H > 8 with the head-MLP in 16-bit at d <= 16: the one BLOCK_H 16 CODA configuration an H100 / H200
+        # runs (SHARED_KB: 216 KB of 227); compiled so test_resources checks that bound
+        "Fit check H 12, d 16, CODA": (8, 12, 64, 16, 16, "coda", True, False, "c"),
     },
     "hsim_split_linear": {  # (lead, H, d, parts, biases, layout): parts "m" mix, "b" block
         "TinT D 768 (d 64), mix + block": ((2304,), 12, 64, "mb", True, "c"),
@@ -379,8 +382,8 @@ REAL_SHAPES: dict[str, dict[str, tuple]] = {
 # stream, what the GPU test and bf16 mixed precision run); float16 autocast only in the sweep
 INNER_BLOCK_DTYPES = ((torch.float32, torch.float32), (torch.float16, torch.float16),
                       (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16))
-# Which dtypes and architectures each real shape is compiled for: a "GPU test" shape in every dtype the
-# test runs, for sm_90 (the H100 / H200 the GPU tests run on); a model shape in what training runs
+# Which dtypes and architectures each real shape is compiled for: a "GPU test" (or "Fit check") shape
+# in every dtype, for sm_90 (the H100 / H200 the GPU tests run on); a model shape in what training runs
 # (float32, bfloat16; the fused block also under bfloat16 autocast), for sm_80 and sm_90. (Every
 # specialisation is its own compile: the set is kept to what runs, to keep CI's AOT step to minutes.)
 MODEL_DTYPES = ((torch.float32,), (torch.bfloat16,))
@@ -390,7 +393,7 @@ MODEL_BLOCK_DTYPES = ((torch.float32, torch.float32), (torch.bfloat16, torch.bfl
 
 def _plan(family: str, name: str) -> tuple[tuple, tuple[int, ...]]:
     """(dtype tuples, archs) a real shape is compiled for."""
-    if name.startswith("GPU test"):
+    if name.startswith(("GPU test", "Fit check")):
         return (INNER_BLOCK_DTYPES if family == "inner_block" else [(dt,) for dt in DTYPES]), (90,)
     return (MODEL_BLOCK_DTYPES if family == "inner_block" else MODEL_DTYPES), ARCHS
 _RUNNERS = {"inner_attention": _run_inner_attention, "inner_block": _run_inner_block,

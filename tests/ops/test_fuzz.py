@@ -46,7 +46,7 @@ Found by these tests: (1) fixed — the C++ nested backward (CPU and CUDA) rebui
 bf16 logits with the lse of the unrounded fp32 ones (NESTED_REGRESSIONS); (2) fixed — the fused
 Triton inner_block spread a NaN / Inf across the sentences of a group
 (test_triton_inner_block_nan_stays_in_its_sentence); (3) fixed, seen only at TNTKERNELS_FUZZ_SCALE=10 —
-the same C++ nested backward still built P from the logits rounded to fp16: with all keys equal and
+the same C++ nested backward also built P from the logits rounded to fp16: with all keys equal and
 |Z| ~ 100 its fp16 dv error was 1.4-3× PyTorch's (NESTED_ROUNDED_LOGITS); the backward now recomputes
 Z in float32, noise included.
 """
@@ -87,7 +87,7 @@ TRITON_DTYPES = (F32, F16)
 FLOOR = {F64: 1e-10, F32: 1e-5, F16: 2e-3, BF16: 2e-2}  # × the natural magnitude of the compared tensor
 # the kernels build logits in float32 (float64 for float64 inputs); COND × that eps × the size of the
 # terms summed into a logit bounds the logit rounding of any implementation (the C++ nested backward
-# rebuilds P from the logits rounded to q's dtype instead, finding (3) of the module docstring)
+# recomputes them too since finding (3) of the module docstring was fixed)
 EPS_COMPUTE = {F64: 2.0 ** -53, F32: 2.0 ** -24, F16: 2.0 ** -24, BF16: 2.0 ** -24}
 COND = 8.0
 MAGS = (1e-3, 1e-2, 0.1, 1.0, 3.0, 10.0, 30.0)

@@ -73,7 +73,7 @@ def test_cpu_op_forward_fp64(shape):
 
 @needs_cpp
 @pytest.mark.parametrize("dtype,floor", [(torch.float32, 1e-6), (torch.float16, 1e-3), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("shape", SHAPES[:4])
+@pytest.mark.parametrize("shape", SHAPES[:4] + SHAPES[-3:])  # SHAPES[-3:]: the m 16 fast path's other head dims
 def test_cpu_op_forward_and_grads_2x_rule(shape, dtype, floor):
     exact_in = make(*shape, requires_grad=True)
     low_in = [t.detach().to(dtype).requires_grad_() for t in exact_in]

@@ -3,7 +3,7 @@ tntkernels._C carries for sm_90 keeps its per-thread state in registers — no s
 memory (spills and local arrays both land there and cost a round trip to L1 / L2 per access).
 
 The numbers are `cuobjdump --dump-resource-usage` of the cubins inside the built extension (what
-`ptxas -v` printed when they were built; `TNTKERNELS_PTXAS_VERBOSE=1` prints it during the build).
+`ptxas -v` printed into the build log, where scripts/quickstart.sh summarises sm_90's).
 float64 instantiations are exempt (a double tile needs twice the registers; they exist for gradcheck).
 KNOWN_STACK lists today's offenders with the reason: the test fails on any other kernel with a stack
 frame, and on a listed one that no longer has one (remove its entry).

@@ -44,8 +44,8 @@ def _backward(inputs, outputs, grads, needs):
     grad_out, grad_logits = grads
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    # The kernels recompute the logits Z in float32 (noise included) as the forward did before rounding
-    # them to q's dtype, so P = exp(Z − lse) is the forward's softmax in fp16 / bf16 too.
+    # The kernels recompute the logits Z in the accumulation type (noise included) as the forward did
+    # before rounding them to q's dtype, so P = exp(Z − lse) is the forward's softmax in fp16 / bf16 too.
     res = torch.ops.tntkernels.nested_attention_backward(
         grad_out.contiguous(), None if grad_logits is None else grad_logits.contiguous(),
         q, k, v, prev, head_mlp, noise, out, lse, scale)
