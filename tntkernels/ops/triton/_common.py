@@ -64,40 +64,37 @@ if _backend.triton_importable():
         """a · b with fp32 accumulation, the operands rounded to `like`'s dtype: IEEE fp32 for float32,
         else 16-bit tensor-core inputs, as PyTorch's 16-bit matmul rounds them (for gradients: a
         forward activation whose sign picks a branch wants `dot_near_fp32`). K >= 16, or 8 (padded
-        as in `dot_ieee_k16`)."""
-        if like.dtype == tl.float32:
-            return dot_ieee_k16(a, b)
-        else:
-            return dot_ieee_k16(a.to(like.dtype), b.to(like.dtype))
+        as in `dot_k16`)."""
+        return dot_k16(a.to(like.dtype), b.to(like.dtype), "ieee")
 
     @triton.jit
     def dot_near_fp32(a, b, like):
         """fp32 a · b: IEEE for a float32 `like`, else 3xTF32 (tensor cores, error close to fp32's).
         For 16-bit models' activations whose signs pick a branch (LeakyReLU): rounding them to 16 bits
-        flips kinks the fp32 reference does not. K >= 16, or 8 (padded as in `dot_ieee_k16`)."""
+        flips kinks the fp32 reference does not. K >= 16, or 8 (padded as in `dot_k16`)."""
         if like.dtype == tl.float32:
-            return dot_ieee_k16(a, b)
+            return dot_k16(a, b, "ieee")
         else:
-            if a.shape[1] < 16:
-                tl.static_assert(a.shape[1] == 8, "dot_near_fp32 pads a contraction of 8 only")
-                a16 = tl.reshape(tl.join(a, tl.zeros_like(a)), (a.shape[0], 16))
-                b16 = tl.reshape(tl.permute(tl.join(b, tl.zeros_like(b)), (0, 2, 1)), (16, b.shape[1]))
-                return tl.dot(a16, b16, input_precision="tf32x3")
-            else:
-                return tl.dot(a, b, input_precision="tf32x3")
+            return dot_k16(a, b, "tf32x3")
 
     @triton.jit
     def dot_ieee_k16(a, b):
-        """dot_ieee(a, b) for a contraction K of 8 (or >= 16): tl.dot needs K >= 16 for 16- and 32-bit
-        inputs on NVIDIA with triton <= 3.7 (its `min_dot_size`), so K = 8 is padded to 16 by
-        interleaving zeros into a's columns and b's rows (column 2k of a pairs with row 2k of b)."""
+        """dot_ieee(a, b) for a contraction K of 8 (or >= 16): `dot_k16` in IEEE precision."""
+        return dot_k16(a, b, "ieee")
+
+    @triton.jit
+    def dot_k16(a, b, PRECISION: tl.constexpr):
+        """tl.dot(a, b, input_precision=PRECISION), fp32 accumulation, for a contraction K of 8 (or
+        >= 16): tl.dot needs K >= 16 for 16- and 32-bit inputs on NVIDIA with triton <= 3.7 (its
+        `min_dot_size`), so K = 8 is padded to 16 by interleaving zeros into a's columns and b's rows
+        (column 2k of a pairs with row 2k of b). a (M, K), b (K, N) -> (M, N) fp32."""
         if a.shape[1] < 16:
-            tl.static_assert(a.shape[1] == 8, "dot_ieee_k16 pads a contraction of 8 only")
+            tl.static_assert(a.shape[1] == 8, "dot_k16 pads a contraction of 8 only")
             a16 = tl.reshape(tl.join(a, tl.zeros_like(a)), (a.shape[0], 16))
             b16 = tl.reshape(tl.permute(tl.join(b, tl.zeros_like(b)), (0, 2, 1)), (16, b.shape[1]))
-            return dot_ieee(a16, b16)
+            return tl.dot(a16, b16, input_precision=PRECISION)
         else:
-            return dot_ieee(a, b)
+            return tl.dot(a, b, input_precision=PRECISION)
 
     @triton.jit
     def load_mat(ptr, offs_rows, offs_cols, n_rows, n_cols, stride_row, dt):
