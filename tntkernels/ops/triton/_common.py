@@ -78,11 +78,6 @@ if _backend.triton_importable():
             return dot_k16(a, b, "tf32x3")
 
     @triton.jit
-    def dot_ieee_k16(a, b):
-        """dot_ieee(a, b) for a contraction K of 8 (or >= 16): `dot_k16` in IEEE precision."""
-        return dot_k16(a, b, "ieee")
-
-    @triton.jit
     def dot_k16(a, b, PRECISION: tl.constexpr):
         """tl.dot(a, b, input_precision=PRECISION), fp32 accumulation, for a contraction K of 8 (or
         >= 16): tl.dot needs K >= 16 for 16- and 32-bit inputs on NVIDIA with triton <= 3.7 (its

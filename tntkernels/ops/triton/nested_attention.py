@@ -17,7 +17,7 @@ on the gradients) and the backward's gradient GEMMs take 16-bit inputs (`dot_as`
 16-bit nn.Linear backward does), all with fp32 accumulation. Tiles are 3-D (BLOCK_H, rows, keys)
 with heads as the batch axis of tl.dot. Heads are padded to BLOCK_H = 8 (H <= 8) or 16 (H <= 16);
 BLOCK_F = next pow2 >= max(4H, 16). The two MLP GEMMs that contract over the heads pad BLOCK_H = 8
-to 16 with zeros (`dot_ieee_k16`: triton 3.6's tl.dot needs K >= 16). The key loops run with one
+to 16 with zeros (`dot_k16`: triton 3.6's tl.dot needs K >= 16). The key loops run with one
 pipeline stage (NUM_STAGES) to fit shared memory, and `unsupported` refuses a configuration over the
 device's limit (SHARED_KB). The same kernels serve both levels:
 
