@@ -133,6 +133,7 @@ CASES = {
     "ia-backend-cuda-unavailable": (None, lambda: ia(backend="cuda")),
     "ia-backend-triton-unavailable": (None, lambda: ia(backend="triton")),
     "ia-cuda-head-dim": ("fake_cuda", lambda: ia(backend="cuda", dv=65, **META)),
+    "ia-cuda-tokens": ("fake_cuda", lambda: ia(backend="cuda", T=65, **META)),
     "ia-triton-dtype": ("interpret", lambda: ia(backend="triton", dtype=torch.float64)),
     "ia-triton-range": ("interpret", lambda: ia(backend="triton", T=65)),
     # ------------------------------------------------------------------ nested_attention

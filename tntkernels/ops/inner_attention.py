@@ -34,7 +34,7 @@ def inner_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
         TypeError: an input is not a tensor; scale not a real number.
         ValueError: shapes, dtypes or devices disagree; a sparse input; head_dim d = 0; scale not
             finite; backend unknown; outside the range of the backend named (the "cuda" backend:
-            d, dv <= 64; "triton": m, d, dv <= 64, no float64). Every check: docs/bad-input.md.
+            m, d, dv <= 64; "triton": m, d, dv <= 64, no float64). Every check: docs/bad-input.md.
         RuntimeError: the requested backend is not implemented or not available for q's device.
     Source: Han et al. 2021 (TNT), Eq. 1; Vaswani et al. 2017, Eq. 1.
     """

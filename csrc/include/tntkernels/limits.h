@@ -9,12 +9,13 @@
 namespace tntkernels {
 namespace limits {
 
-// inner_attention (csrc/cuda/inner_attention.cu): one thread per query / key row, the row in registers.
+// inner_attention (csrc/cuda/inner_attention.cu): the inner level of TNT / RTNT, a block holds whole
+// (sequence, head) pairs in shared memory.
 namespace inner_attention_cuda {
-constexpr int64_t kMaxHeadDim = 64;                                  // "inner_attention.cuda.max_head_dim": d, dv
-constexpr int64_t kMaxTokens = std::numeric_limits<int32_t>::max();  // "inner_attention.cuda.max_tokens": m (int32)
-// "inner_attention.cuda.max_rows": S·H·m, one thread per row in a grid of at most 2^31 - 1 blocks of 128 threads.
-constexpr int64_t kMaxRows = kMaxTokens * 128;
+constexpr int64_t kMaxHeadDim = 64;  // "inner_attention.cuda.max_head_dim": d, dv
+constexpr int64_t kMaxTokens = 64;   // "inner_attention.cuda.max_tokens": m
+// "inner_attention.cuda.max_rows": S·H·m, so that pair and row indices are 32-bit.
+constexpr int64_t kMaxRows = std::numeric_limits<int32_t>::max();
 }  // namespace inner_attention_cuda
 
 // nested_attention (csrc/cuda/nested_attention.cu): one block per sequence, per-position arrays over heads.

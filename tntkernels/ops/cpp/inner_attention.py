@@ -33,7 +33,9 @@ def _backward(inputs, outputs, grads, needs):
     q, k, v, scale = inputs
     out, lse = outputs
     (grad_out,) = grads
-    return (*torch.ops.tntkernels.inner_attention_backward(grad_out.contiguous(), q, k, v, out, lse, scale), None)
+    # Every operand goes in as it is: the CUDA kernels read strided views (rows must be unit-stride, else
+    # they copy that one operand), the CPU op makes its own contiguous copies.
+    return (*torch.ops.tntkernels.inner_attention_backward(grad_out, q, k, v, out, lse, scale), None)
 
 
 if _backend.cpp_available():
