@@ -62,6 +62,15 @@ def inner_attention(gen, dev, dtype):
         g = _rand(gen, S, H, m, dv, dtype=dtype, dev=dev)
         _check(name.replace("inner_attention", "inner_attention_backward"),
                ops.inner_attention_backward(g, q, k, v, out, lse, scale), dev)
+    # strided operands, read in place: the views of one qkv Linear output (timm's Attention), a transposed gO
+    S, H, m, d = 3, 4, 16, 6
+    q, k, v = _rand(gen, S, m, 3 * H * d, dtype=dtype, dev=dev).reshape(S, m, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+    g = _rand(gen, S, m, H, d, dtype=dtype, dev=dev).transpose(1, 2)
+    name = f"inner_attention S={S} H={H} m={m} d={d} qkv views {dn}"
+    out, lse = ops.inner_attention(q, k, v, d ** -0.5)
+    _check(name, (out, lse), dev)
+    _check(name.replace("inner_attention", "inner_attention_backward"),
+           ops.inner_attention_backward(g, q, k, v, out, lse, d ** -0.5), dev)
 
 
 def nested_attention(gen, dev, dtype):
