@@ -189,7 +189,8 @@ def test_compiled_op_checks_inputs_directly():
 @pytest.mark.gpu
 @pytest.mark.cuda_ext
 @pytest.mark.parametrize("dtype,floor", [(torch.float32, 1e-5), (torch.float16, 1e-3), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("shape", SHAPES + [(70_000, 1, 16, 6, 6)])
+# the CUDA kernels' domain: m, d, dv <= 64 (the head_dim 70 shape is the CPU general path's)
+@pytest.mark.parametrize("shape", [s for s in SHAPES if max(s[2:]) <= 64] + [(70_000, 1, 16, 6, 6)])
 def test_cuda_op_2x_rule(shape, dtype, floor):
     exact_in = [t.cuda().requires_grad_() for t in make(*shape)]
     low_in = [t.detach().to(dtype).requires_grad_() for t in exact_in]
