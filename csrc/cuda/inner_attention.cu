@@ -37,8 +37,8 @@
 //
 // Softmax: two passes over a row in shared memory, shifted by the row max — by 0 when every logit of
 // the row is −inf, so exp never sees −inf − (−inf): a −inf logit anywhere among finite ones gets
-// probability exactly 0 (the first key included). A row whose logits are all −inf (only an inf in the
-// inputs produces −inf) has no softmax: sum 0, lse = −inf and a NaN output row, as the reference
+// probability exactly 0 (the first key included). A row whose logits are all −inf (from an inf in the
+// inputs, or q·k overflowing) has no softmax: sum 0, lse = −inf and a NaN output row, as the reference
 // (torch.softmax) and the CPU op give; its backward is NaN too. NaN logits propagate.
 // Accumulation in float for float16 / bfloat16 / float32, double for float64 (whose tiles are unpadded,
 // so that m = d = dv = 64 fits an A100's 163 KB per block).
