@@ -19,12 +19,6 @@ from tntkernels import _backend
 
 # demangled kernel name without its arguments -> why it has a stack frame today (sm_90)
 KNOWN_STACK = {
-    "nested_bwd_kernel<float>": "per-thread head arrays indexed at run time (H is not a template parameter)",
-    "nested_bwd_kernel<c10::Half>": "per-thread head arrays indexed at run time (H is not a template parameter)",
-    "nested_bwd_kernel<c10::BFloat16>": "per-thread head arrays indexed at run time (H is not a template parameter)",
-    "nested_fwd_kernel<float>": "per-thread head arrays indexed at run time (H is not a template parameter)",
-    "nested_fwd_kernel<c10::Half>": "per-thread head arrays indexed at run time (H is not a template parameter)",
-    "nested_fwd_kernel<c10::BFloat16>": "per-thread head arrays indexed at run time (H is not a template parameter)",
     "inner_attention_bwd_dkdv_kernel<float, 64>": "m 64 tiles: 136-144 B of spills",
     "inner_attention_bwd_dkdv_kernel<c10::Half, 64>": "m 64 tiles: 136 B of spills",
     "inner_attention_bwd_dkdv_kernel<c10::BFloat16, 64>": "m 64 tiles: 136 B of spills",
