@@ -186,9 +186,10 @@ __device__ __forceinline__ void z_at(const scalar_t* __restrict__ q, const scala
 }
 
 // minBlocksPerSM: ptxas's register choice (sm_90) is heuristic; these bounds give no stack frame for every
-// bucket (kH 4 / 8 forward: 96 / 105 registers with 2; without, kH 8 picked 64 and spilled).
+// bucket (without them kH 8 picked 64 registers and spilled) and keep kH 4 (TNT) at 64 registers, 4 blocks
+// of 256 threads per SM as before the template.
 template <typename scalar_t, int kH>
-__global__ void __launch_bounds__(kThreads, kH <= 8 ? 2 : 1) nested_fwd_kernel(
+__global__ void __launch_bounds__(kThreads, kH == 4 ? 4 : (kH == 8 ? 2 : 1)) nested_fwd_kernel(
     const scalar_t* __restrict__ q, const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
     const scalar_t* __restrict__ prev, const float* __restrict__ Wg, const scalar_t* __restrict__ noise,
     scalar_t* __restrict__ out, scalar_t* __restrict__ logits, float* __restrict__ lse, float* __restrict__ ws,
