@@ -19,12 +19,6 @@ from tntkernels import _backend
 
 # demangled kernel name without its arguments -> why it has a stack frame today (sm_90)
 KNOWN_STACK = {
-    "nested_bwd_kernel<float>": "per-thread head arrays indexed at run time (H is not a template parameter)",
-    "nested_bwd_kernel<c10::Half>": "per-thread head arrays indexed at run time (H is not a template parameter)",
-    "nested_bwd_kernel<c10::BFloat16>": "per-thread head arrays indexed at run time (H is not a template parameter)",
-    "nested_fwd_kernel<float>": "per-thread head arrays indexed at run time (H is not a template parameter)",
-    "nested_fwd_kernel<c10::Half>": "per-thread head arrays indexed at run time (H is not a template parameter)",
-    "nested_fwd_kernel<c10::BFloat16>": "per-thread head arrays indexed at run time (H is not a template parameter)",
 }
 
 _LINE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
