@@ -656,10 +656,20 @@ void unpad_rows(const acc_t* src, scalar_t* dst, int64_t rows, int64_t cols, int
     for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] = static_cast<scalar_t>(src[r * ld + c]);
 }
 
+// n zeroed vectors of Vec<acc_t>, 64-byte aligned (a std::vector of the vector type would drop its
+// alignment / aliasing attributes).
 template <typename acc_t>
-std::vector<VecT<acc_t>> vec_buffer(int64_t n) {
-  return std::vector<VecT<acc_t>>(static_cast<size_t>(n), VecT<acc_t>{});
-}
+struct VecBuf {
+  static constexpr int64_t C = Vec<acc_t>::C;
+  std::vector<acc_t> s;
+  acc_t* p;
+  explicit VecBuf(int64_t n) : s(static_cast<size_t>((n + 1) * C), acc_t(0)) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(s.data());
+    p = s.data() + ((64 - a % 64) % 64) / sizeof(acc_t);
+  }
+  VecT<acc_t>* data() { return reinterpret_cast<VecT<acc_t>*>(p); }
+  const VecT<acc_t>* data() const { return reinterpret_cast<const VecT<acc_t>*>(p); }
+};
 
 template <typename scalar_t>
 void nested_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, const scalar_t* prev,
@@ -674,7 +684,7 @@ void nested_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, 
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (fast16(at::kFloat, T, d, dv)) {
       at::parallel_for(0, n_chunks, 1, [&](int64_t cb, int64_t ce) {
-        auto work = vec_buffer<float>(fwd16_work_vectors(H));
+        VecBuf<float> work(fwd16_work_vectors(H));
         for (int64_t b = cb * chunk; b < std::min(B, ce * chunk); ++b)
           fwd16(m, q + b * H * T * d, k + b * H * T * d, v + b * H * T * dv, prev ? prev + b * H * TT : nullptr,
                 noise ? noise + b * H * TT : nullptr, out + b * H * T * dv, logits + b * H * TT, lse + b * H * T,
@@ -688,7 +698,7 @@ void nested_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, 
   at::parallel_for(0, n_chunks, 1, [&](int64_t cb, int64_t ce) {
     std::vector<acc_t> qb, kb, vb, pb, nbf, lb, sbuf(H * SS), bt(std::max(d, dv) * Tp, acc_t(0)), bp(T * dvp, acc_t(0)),
         ob(T * dvp);
-    auto blk = vec_buffer<acc_t>(fwd_blk_vectors(H));
+    VecBuf<acc_t> blk(fwd_blk_vectors(H));
     for (int64_t b = cb * chunk; b < std::min(B, ce * chunk); ++b) {
       const acc_t* qa = as_acc(q + b * H * T * d, H * T * d, qb);
       const acc_t* ka = as_acc(k + b * H * T * d, H * T * d, kb);
@@ -721,23 +731,22 @@ void nested_bwd_kernel(const scalar_t* gout, const scalar_t* gz, const scalar_t*
                        int64_t chunk, int64_t n_chunks, int64_t B, int64_t H, int64_t T, int64_t d, int64_t dv,
                        double scale_d) {
   using acc_t = at::opmath_type<scalar_t>;
-  using V = VecT<acc_t>;
   constexpr int64_t C = Vec<acc_t>::C;
   const int64_t TT = T * T, P = static_cast<int64_t>(W.size());
   const acc_t scale = static_cast<acc_t>(scale_d);
   const MlpW<acc_t> mw(W.data(), H);
   const MlpW<acc_t>* m = mlp ? &mw : nullptr;
   // The chunk's lane accumulators, reduced over the lanes in order into its partial row.
-  auto flush = [&](const std::vector<V>& G, int64_t ch) {
+  auto flush = [&](const VecBuf<acc_t>& G, int64_t ch) {
     if (!mlp) return;
-    for (int64_t x = 0; x < P; ++x) partial[ch * P + x] = hsum<acc_t>(G[x]);
+    for (int64_t x = 0; x < P; ++x) partial[ch * P + x] = hsum<acc_t>(G.data()[x]);
   };
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (fast16(at::kFloat, T, d, dv)) {
       at::parallel_for(0, n_chunks, 1, [&](int64_t cb, int64_t ce) {
-        auto work = vec_buffer<float>(bwd16_work_vectors(H));
+        VecBuf<float> work(bwd16_work_vectors(H));
         for (int64_t ch = cb; ch < ce; ++ch) {
-          auto G = vec_buffer<float>(mlp ? P : 0);
+          VecBuf<float> G(mlp ? P : 0);
           for (int64_t b = ch * chunk; b < std::min(B, (ch + 1) * chunk); ++b)
             bwd16(m, gout + b * H * T * dv, gz ? gz + b * H * TT : nullptr, q + b * H * T * d, k + b * H * T * d,
                   v + b * H * T * dv, prev ? prev + b * H * TT : nullptr, noise ? noise + b * H * TT : nullptr,
@@ -754,9 +763,9 @@ void nested_bwd_kernel(const scalar_t* gout, const scalar_t* gz, const scalar_t*
   at::parallel_for(0, n_chunks, 1, [&](int64_t cb, int64_t ce) {
     std::vector<acc_t> qb, kb, vb, gb, pb, nbf, gzb, dpb, sbuf(H * SS), dpbuf(H * SS),
         bt(std::max(d, dv) * Tp, acc_t(0)), bp(T * np_, acc_t(0)), ob(T * np_);
-    auto blk = vec_buffer<acc_t>(bwd_blk_vectors(H, T, C));
+    VecBuf<acc_t> blk(bwd_blk_vectors(H, T, C));
     for (int64_t ch = cb; ch < ce; ++ch) {
-      auto G = vec_buffer<acc_t>(mlp ? P : 0);
+      VecBuf<acc_t> G(mlp ? P : 0);
       for (int64_t b = ch * chunk; b < std::min(B, (ch + 1) * chunk); ++b) {
         const acc_t* qa = as_acc(q + b * H * T * d, H * T * d, qb);
         const acc_t* ka = as_acc(k + b * H * T * d, H * T * d, kb);

@@ -78,6 +78,24 @@ def _cuda_limits(op: str) -> Callable[[], dict[str, int]]:
 # letters).
 MAX_AUTO_CPU_HEAD_DIM = 16
 
+# nested_attention on CPU, fwd+bwd in float32 with 2 threads on a 2-core x86 machine (AVX-512),
+# benchmarks/bench_cpu.py: the C++ op beat the reference 2.3-4.6x at TNT-S's inner (B 1568, H 4, T 16,
+# d 6) and outer (B 8, H 6, T 197, d 64) shapes, RealFormer and CODA forms. backend=None takes it where
+# that was measured: float32, T up to 197 (its own GEMMs are register-tiled, not a tuned library's; its
+# per-sequence scratch grows as H·T²) and head dims up to 64; elsewhere the reference.
+MAX_AUTO_CPU_NESTED_TOKENS = 256
+MAX_AUTO_CPU_NESTED_HEAD_DIM = 64
+
+
+def _nested_auto_cpu(q, v, use_mlp):
+    if q.dtype != torch.float32:
+        return f"dtype {q.dtype}: the C++ CPU op was measured against the reference in float32 only"
+    if q.shape[2] > MAX_AUTO_CPU_NESTED_TOKENS or max(q.shape[-1], v.shape[-1]) > MAX_AUTO_CPU_NESTED_HEAD_DIM:
+        return (f"T > {MAX_AUTO_CPU_NESTED_TOKENS} or head_dim > {MAX_AUTO_CPU_NESTED_HEAD_DIM}, where the "
+                "C++ CPU op was not measured faster than the reference")
+    return None
+
+
 OPS: dict[str, OpSpec] = {
     "inner_attention": OpSpec(
         name="inner_attention",
@@ -102,10 +120,10 @@ OPS: dict[str, OpSpec] = {
         name="nested_attention",
         implementations={"reference": nested_attention_ref, "cpu": cpp_nested.nested_attention,
                          "cuda": cpp_nested.nested_attention, "triton": triton_nested.nested_attention},
-        # on CPU the C++ op is not faster than PyTorch's batched GEMMs yet (TNT-S inner shape,
-        # fwd+bwd, 2 threads): the reference stays the CPU default
-        default_order={"cpu": (), "cuda": ("cuda", "triton")},
+        # CPU: the C++ op for float32 with T <= MAX_AUTO_CPU_NESTED_TOKENS and d, dv <= 64 (see below)
+        default_order={"cpu": ("cpu",), "cuda": ("cuda", "triton")},
         unsupported={"cuda": cpp_nested.unsupported_cuda, "triton": triton_nested.unsupported},
+        auto_unsupported={"cpu": _nested_auto_cpu},
         limits={"cuda": _cuda_limits("nested_attention"),
                 "triton": lambda: {"max_tokens": triton_nested.MAX_TOKENS, "max_heads": triton_nested.MAX_HEADS,
                                    "max_head_dim": triton_nested.MAX_HEAD_DIM}},
