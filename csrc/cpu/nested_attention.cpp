@@ -17,16 +17,16 @@
 //   T = 16, float32, d, dv <= 64 (TNT's inner shape): every 16 × 16 tile lives in 16-lane vectors (one per
 //     row, cpu_math.h), GEMMs are broadcast-FMAs in registers, the softmax runs on the tile transposed in
 //     registers (the machinery of inner attention) — no ATen call per sequence;
-//   any other shape or dtype: the GEMMs (q kᵀ, P v, gO vᵀ, Pᵀ gO, dS k, dSᵀ q) are ATen batched GEMMs over
-//     the heads of one sequence on per-task buffers in the accumulation type, and everything between them
-//     (scale, + prev, the head-MLP, + noise, the logits, softmax, lse, dZ, the MLP backward, dprev) is one
-//     pass over each row i of all heads, while that row is in L1.
+//   any other shape or dtype: per sequence, the GEMMs (q kᵀ, P v, gO vᵀ, Pᵀ gO, dS k, dSᵀ q) run on per-task
+//     buffers in the accumulation type with this file's register-tiled GEMM (no library call inside a
+//     task), and everything between them (scale, + prev, the head-MLP, + noise, the logits, softmax, lse,
+//     dZ, the MLP backward, dprev) is one pass over each row i of all heads, while that row is in L1.
 // The head-MLP runs on blocks of C positions (C = the lanes of Vec<acc_t>: 16 floats / 8 doubles), one
 // position per lane, its weights broadcast: a block's activations stay in registers / L1. Its weight
 // gradients go to per-lane accumulators of the task (one vector per weight), summed over the lanes in lane
 // order into one partial row per chunk, and the rows are summed in chunk order at the end: results do not
 // depend on the number of threads. Accumulation in float for float16 / bfloat16 / float32, double for
-// float64. GEMMs inside a task run single-threaded (nested in at::parallel_for) in a fixed blocking.
+// float64. One at::parallel_for per call, nothing parallel inside it.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

@@ -78,11 +78,15 @@ def _cuda_limits(op: str) -> Callable[[], dict[str, int]]:
 # letters).
 MAX_AUTO_CPU_HEAD_DIM = 16
 
-# nested_attention on CPU, fwd+bwd in float32 with 2 threads on a 2-core x86 machine (AVX-512),
-# benchmarks/bench_cpu.py: the C++ op beat the reference 2.3-4.6x at TNT-S's inner (B 1568, H 4, T 16,
-# d 6) and outer (B 8, H 6, T 197, d 64) shapes, RealFormer and CODA forms. backend=None takes it where
-# that was measured: float32, T up to 197 (its own GEMMs are register-tiled, not a tuned library's; its
-# per-sequence scratch grows as H·T²) and head dims up to 64; elsewhere the reference.
+# nested_attention on CPU: backend=None takes the C++ op where it was measured faster than the reference
+# (fwd+bwd, float32, TNT-S shapes; 2-core x86 AVX-512 box; benchmarks/bench_cpu.py rows, and the same rows
+# timed at 1 thread in process CPU time, which the box's load does not inflate):
+#   T = 16 (the 16-lane tile path), d, dv <= 64: RealFormer 1.8x, CODA 5.3x (1 thread, CPU time);
+#   the head-MLP (CODA) at T <= 256: 1.7x at B 8, H 6, T 197, d 64 (1 thread, CPU time);
+#   RealFormer / first layer at T != 16: NOT faster — 0.83x at T 197, d 64 (1 thread, CPU time): the
+#     backward recomputes q kᵀ (7 GEMMs against autograd's 6), so the reference stays the default there.
+# (With 2 threads on the loaded box, wall-clock, all four rows came out 2.3-4.0x, as the reference pays a
+# thread synchronisation per ATen op there.) float16 / bfloat16 / float64 were not measured: reference.
 MAX_AUTO_CPU_NESTED_TOKENS = 256
 MAX_AUTO_CPU_NESTED_HEAD_DIM = 64
 
@@ -90,10 +94,13 @@ MAX_AUTO_CPU_NESTED_HEAD_DIM = 64
 def _nested_auto_cpu(q, v, use_mlp):
     if q.dtype != torch.float32:
         return f"dtype {q.dtype}: the C++ CPU op was measured against the reference in float32 only"
-    if q.shape[2] > MAX_AUTO_CPU_NESTED_TOKENS or max(q.shape[-1], v.shape[-1]) > MAX_AUTO_CPU_NESTED_HEAD_DIM:
-        return (f"T > {MAX_AUTO_CPU_NESTED_TOKENS} or head_dim > {MAX_AUTO_CPU_NESTED_HEAD_DIM}, where the "
-                "C++ CPU op was not measured faster than the reference")
-    return None
+    T, hd = q.shape[2], max(q.shape[-1], v.shape[-1])
+    if hd > MAX_AUTO_CPU_NESTED_HEAD_DIM:
+        return f"head_dim > {MAX_AUTO_CPU_NESTED_HEAD_DIM}, where the C++ CPU op was not measured faster"
+    if T == 16 or (use_mlp and T <= MAX_AUTO_CPU_NESTED_TOKENS):
+        return None
+    return ("T != 16 without the head-MLP (or T > 256), where the reference is faster on CPU (the C++ op "
+            "recomputes q kᵀ in its backward)")
 
 
 OPS: dict[str, OpSpec] = {
@@ -120,7 +127,7 @@ OPS: dict[str, OpSpec] = {
         name="nested_attention",
         implementations={"reference": nested_attention_ref, "cpu": cpp_nested.nested_attention,
                          "cuda": cpp_nested.nested_attention, "triton": triton_nested.nested_attention},
-        # CPU: the C++ op for float32 with T <= MAX_AUTO_CPU_NESTED_TOKENS and d, dv <= 64 (see below)
+        # CPU: the C++ op where it was measured faster (_nested_auto_cpu, above)
         default_order={"cpu": ("cpu",), "cuda": ("cuda", "triton")},
         unsupported={"cuda": cpp_nested.unsupported_cuda, "triton": triton_nested.unsupported},
         auto_unsupported={"cpu": _nested_auto_cpu},

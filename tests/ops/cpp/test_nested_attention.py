@@ -374,3 +374,22 @@ def _all_on(q, k, v, prev, mlp, eps):
 def test_cuda_grid_stride_loops(grid_cap_3, shape, form, dtype, floor):
     """11 or 7 sequences on 3 blocks: each block walks several (forward, backward, partial reduction)."""
     check_2x(shape, form, dtype, floor, "cuda", nested_attention_compiled)
+
+
+@needs_cpp
+def test_backend_none_on_cpu_follows_the_measured_rule(monkeypatch):
+    """registry._nested_auto_cpu: the C++ op at T 16 (tile path) and with the head-MLP up to T 256, in
+    float32 with head dims <= 64; the reference elsewhere (RealFormer at T != 16, other dtypes)."""
+    from tntkernels.ops import registry
+
+    monkeypatch.delenv("TNTKERNELS_BACKEND", raising=False)
+
+    def pick(T, d, use_mlp, dtype=torch.float32):
+        q = torch.zeros(1, 2, T, d, dtype=dtype)
+        return registry.resolve("nested_attention", None, q.device, q, q, use_mlp)
+
+    assert pick(16, 6, False) == "cpu" and pick(16, 64, True) == "cpu"
+    assert pick(197, 64, True) == "cpu" and pick(256, 8, True) == "cpu"
+    assert pick(197, 64, False) == "reference" and pick(17, 6, False) == "reference"
+    assert pick(257, 8, True) == "reference" and pick(16, 65, False) == "reference"
+    assert pick(16, 6, False, torch.float64) == "reference" and pick(16, 6, True, torch.bfloat16) == "reference"
