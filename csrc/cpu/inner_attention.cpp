@@ -24,76 +24,13 @@
 #include <type_traits>
 #include <vector>
 
+#include "tntkernels/cpu_math.h"
 #include "tntkernels/cpu_vec.h"
 #include "tntkernels/dispatch.h"
 #include "tntkernels/inner_attention.h"
 
 namespace tntkernels {
 namespace {
-
-// exp(x) for float without branches, so loops over it vectorize: Cody-Waite range reduction
-// x = n·ln2 + r, |r| ≤ ln2/2, and a degree-6 polynomial for e^r (Cephes expf coefficients; relative
-// error ≈ 1e-7). exp(−inf) = 0, exp(+inf) = +inf, NaN propagates. The selects if-convert (and
-// the loop vectorizes) only with -fno-trapping-math, which setup.py passes; it changes no values.
-TNT_INLINE float exp_f32(float x) {
-  const float hi = 88.3762626647949f, lo = -87.3365447505531f;
-  float xc = x > lo ? x : lo;
-  xc = xc < hi ? xc : hi;
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
-  float r = xc - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  float y = p * scale;
-  y = x < lo ? 0.0f : y;
-  y = x > hi ? std::numeric_limits<float>::infinity() : y;
-  return x != x ? x : y;
-}
-// log(x) for float without branches (Cephes logf: x = f·2^e with f in [√½, √2), a degree-9
-// polynomial in f − 1; relative error ≈ 1e-7). log(0) = −inf, log(+inf) = +inf, NaN and x < 0 give
-// NaN. Subnormal x is treated as 0 (the softmax sums it serves are 0 or >= 1).
-TNT_INLINE float log_f32(float x) {
-  int32_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  int32_t e = ((bits >> 23) & 0xff) - 126;
-  int32_t mbits = (bits & 0x007fffff) | 0x3f000000;  // the mantissa as f in [0.5, 1)
-  float f;
-  std::memcpy(&f, &mbits, sizeof(f));
-  const bool small = f < 0.707106781186547524f;
-  e = small ? e - 1 : e;
-  f = small ? f + f - 1.0f : f - 1.0f;
-  const float z = f * f;
-  float y = 7.0376836292e-2f;
-  y = y * f - 1.1514610310e-1f;
-  y = y * f + 1.1676998740e-1f;
-  y = y * f - 1.2420140846e-1f;
-  y = y * f + 1.4249322787e-1f;
-  y = y * f - 1.6668057665e-1f;
-  y = y * f + 2.0000714765e-1f;
-  y = y * f - 2.4999993993e-1f;
-  y = y * f + 3.3333331174e-1f;
-  y = y * f * z;
-  const float fe = static_cast<float>(e);
-  y = y + fe * -2.12194440e-4f;
-  y = y - 0.5f * z;
-  float r = f + y + fe * 0.693359375f;
-  r = x < 1.17549435e-38f ? -std::numeric_limits<float>::infinity() : r;  // 0 and subnormals
-  r = x == std::numeric_limits<float>::infinity() ? x : r;
-  r = x < 0.0f ? std::numeric_limits<float>::quiet_NaN() : r;
-  return x != x ? x : r;
-}
-TNT_INLINE double exp_acc(double x) { return std::exp(x); }
-TNT_INLINE float exp_acc(float x) { return exp_f32(x); }
-TNT_INLINE double log_acc(double x) { return std::log(x); }
-TNT_INLINE float log_acc(float x) { return log_f32(x); }
 
 // Per-thread scratch for one (sequence, head) pair; sizes grow to the largest pair seen.
 template <typename acc_t>
@@ -260,57 +197,7 @@ void pair_backward_any(Scratch<double>& w, const double* lse, int64_t m, int64_t
 // by the queries (the forward's scores transposed, keys × queries) or by the keys; every GEMM is a
 // broadcast-FMA over such rows, accumulated in registers; exp / log run as loops over stack arrays
 // that vectorize. Inputs of one pair are read straight from the contiguous (m, d) rows, no scratch.
-constexpr int64_t kM = 16;
 constexpr int64_t kFastMaxDim = 64;  // d, dv of the fast path (TNT's inner 6 / 10, RTNT's letters)
-using V16 = Vec<float>::type;
-static_assert(Vec<float>::C == kM, "one vector per tile row");
-
-// dst[c][i] = src[i·cols + c]·mul: the transpose of a (16 × cols) row-major block.
-TNT_INLINE void load_t16(const float* __restrict__ src, float (*__restrict__ dst)[kM], int64_t cols, float mul) {
-  for (int64_t c = 0; c < cols; ++c)
-    for (int64_t i = 0; i < kM; ++i) dst[c][i] = src[i * cols + c] * mul;
-}
-// dst[i·cols + c] = src[c][i].
-TNT_INLINE void store_t16(const float (*__restrict__ src)[kM], float* __restrict__ dst, int64_t cols) {
-  for (int64_t i = 0; i < kM; ++i)
-    for (int64_t c = 0; c < cols; ++c) dst[i * cols + c] = src[c][i];
-}
-// The 16 × 16 tile a (one vector per row) transposed in registers: four butterfly stages, each
-// swapping the off-diagonal B × B blocks of every 2B × 2B block with one two-input shuffle per row
-// (a vpermt2ps each in the AVX-512 clone).
-using I16 = int32_t __attribute__((vector_size(64)));
-#if defined(__GNUC__) && !defined(__clang__)
-template <int B>
-TNT_INLINE void transpose_stage(V16* a) {
-  I16 lo, hi;
-  for (int l = 0; l < kM; ++l) {
-    lo[l] = (l & B) ? kM + l - B : l;
-    hi[l] = (l & B) ? kM + l : l + B;
-  }
-  for (int r = 0; r < kM; ++r) {
-    if (r & B) continue;
-    const V16 x = a[r], y = a[r + B];
-    a[r] = __builtin_shuffle(x, y, lo);
-    a[r + B] = __builtin_shuffle(x, y, hi);
-  }
-}
-TNT_INLINE void transpose16(V16* a) {
-  transpose_stage<8>(a);
-  transpose_stage<4>(a);
-  transpose_stage<2>(a);
-  transpose_stage<1>(a);
-}
-#else  // other compilers (clang's __builtin_shufflevector wants constant indices): through memory
-TNT_INLINE void transpose16(V16* a) {
-  alignas(64) float t[kM][kM];
-  for (int64_t i = 0; i < kM; ++i) vstore(t[i], a[i]);
-  for (int64_t i = 0; i < kM; ++i) {
-    alignas(64) float row[kM];
-    for (int64_t j = 0; j < kM; ++j) row[j] = t[j][i];
-    a[i] = vload(row);
-  }
-}
-#endif
 // st[j] = Σ_c k[j, c] · qt[c]: the scores transposed (keys × queries), qt already scaled.
 TNT_INLINE void scores_t16(const float* __restrict__ k, const float (*__restrict__ qt)[kM], float (*__restrict__ st)[kM],
                            int64_t d) {

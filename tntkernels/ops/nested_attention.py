@@ -66,7 +66,9 @@ def nested_attention(q, k, v, prev_logits=None, *, head_mlp=None, noise=None, sc
             b3 (H)) (CODA form, nn.Linear convention).
         noise: None or (B, H, T, T) added to the logits (training).
         scale: float, default d ** -0.5.
-        backend: None (the reference for now: see `registry.OPS`), "reference", "cpu" (C++ op),
+        backend: None (on CPU the C++ op where it was measured faster — float32 at T = 16, or with
+            head_mlp up to T = 256, head dims <= 64 — else the reference; on CUDA the reference for
+            now: see `registry.OPS`), "reference", "cpu" (C++ op),
             "cuda" (CUDA C++: T <= 64, H <= 16, d, dv <= 64) or "triton" (T <= 1024, H <= 16,
             d, dv <= 64; float32 / float16 / bfloat16).
     Returns:

@@ -78,6 +78,31 @@ def _cuda_limits(op: str) -> Callable[[], dict[str, int]]:
 # letters).
 MAX_AUTO_CPU_HEAD_DIM = 16
 
+# nested_attention on CPU: backend=None takes the C++ op where it was measured faster than the reference
+# (fwd+bwd, float32, TNT-S shapes; 2-core x86 AVX-512 box; benchmarks/bench_cpu.py rows, and the same rows
+# timed at 1 thread in process CPU time, which the box's load does not inflate):
+#   T = 16 (the 16-lane tile path), d, dv <= 64: RealFormer 1.8x, CODA 5.3x (1 thread, CPU time);
+#   the head-MLP (CODA) at T <= 256: 1.7x at B 8, H 6, T 197, d 64 (1 thread, CPU time);
+#   RealFormer / first layer at T != 16: NOT faster — 0.83x at T 197, d 64 (1 thread, CPU time): the
+#     backward recomputes q kᵀ (7 GEMMs against autograd's 6), so the reference stays the default there.
+# (With 2 threads on the loaded box, wall-clock, all four rows came out 2.3-4.0x, as the reference pays a
+# thread synchronisation per ATen op there.) float16 / bfloat16 / float64 were not measured: reference.
+MAX_AUTO_CPU_NESTED_TOKENS = 256
+MAX_AUTO_CPU_NESTED_HEAD_DIM = 64
+
+
+def _nested_auto_cpu(q, v, use_mlp):
+    if q.dtype != torch.float32:
+        return f"dtype {q.dtype}: the C++ CPU op was measured against the reference in float32 only"
+    T, hd = q.shape[2], max(q.shape[-1], v.shape[-1])
+    if hd > MAX_AUTO_CPU_NESTED_HEAD_DIM:
+        return f"head_dim > {MAX_AUTO_CPU_NESTED_HEAD_DIM}, where the C++ CPU op was not measured faster"
+    if T == 16 or (use_mlp and T <= MAX_AUTO_CPU_NESTED_TOKENS):
+        return None
+    return ("T != 16 without the head-MLP (or T > 256), where the reference is faster on CPU (the C++ op "
+            "recomputes q kᵀ in its backward)")
+
+
 OPS: dict[str, OpSpec] = {
     "inner_attention": OpSpec(
         name="inner_attention",
@@ -102,10 +127,10 @@ OPS: dict[str, OpSpec] = {
         name="nested_attention",
         implementations={"reference": nested_attention_ref, "cpu": cpp_nested.nested_attention,
                          "cuda": cpp_nested.nested_attention, "triton": triton_nested.nested_attention},
-        # on CPU the C++ op is not faster than PyTorch's batched GEMMs yet (TNT-S inner shape,
-        # fwd+bwd, 2 threads): the reference stays the CPU default
-        default_order={"cpu": (), "cuda": ("cuda", "triton")},
+        # CPU: the C++ op where it was measured faster (_nested_auto_cpu, above)
+        default_order={"cpu": ("cpu",), "cuda": ("cuda", "triton")},
         unsupported={"cuda": cpp_nested.unsupported_cuda, "triton": triton_nested.unsupported},
+        auto_unsupported={"cpu": _nested_auto_cpu},
         limits={"cuda": _cuda_limits("nested_attention"),
                 "triton": lambda: {"max_tokens": triton_nested.MAX_TOKENS, "max_heads": triton_nested.MAX_HEADS,
                                    "max_head_dim": triton_nested.MAX_HEAD_DIM}},

@@ -138,6 +138,87 @@ def test_cpu_2x_rule(shape, form, dtype, floor):
     check_2x(shape, form, dtype, floor, "cpu", nested_attention_compiled)
 
 
+# Around the edges of the two CPU paths (csrc/cpu/nested_attention.cpp): T 16 in float32 with d, dv <= 64
+# runs on 16-lane tiles (H 4 with d 6 unrolled, any other H / d at run time); everything else runs the
+# general path (own register-tiled GEMMs, the head-MLP on blocks of 16 float / 8 double positions, the
+# last block of a row partial).
+SHAPES_PATHS = [
+    (2, 1, 16, 1, 7),    # tiles, H 1, d 1
+    (2, 3, 16, 7, 1),    # tiles, H 3, dv 1
+    (2, 5, 16, 6, 6),    # tiles, H 5 (d 6 but not the H 4 unrolled case)
+    (1, 4, 16, 65, 6),   # T 16 with d > 64: the general path
+    (2, 3, 15, 6, 6),    # one partial block per row
+    (2, 4, 17, 6, 6),    # a full block and a one-position block
+    (1, 6, 33, 64, 64),  # H 6 unrolled, 3 blocks per row, the GEMMs' two-vector panels
+    (1, 2, 40, 3, 20),   # a one-vector GEMM panel after a two-vector one (dv 20 → 32)
+]
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype,floor", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("shape", SHAPES_PATHS)
+def test_cpu_paths_2x_rule(shape, form, dtype, floor):
+    check_2x(shape, form, dtype, floor, "cpu", nested_attention_compiled)
+
+
+@needs_cpp
+@pytest.mark.parametrize("noise", [False, True])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("shape", SHAPES_PATHS)
+def test_cpu_paths_fp64_match_reference(shape, form, noise):
+    """float64 (general path, 8-lane blocks) against the reference, forward and every gradient, with
+    30% of the previous logits −inf; no grad_logits (the output gradient only)."""
+    B, H, T, d, dv = shape
+    q, k, v, prev, mlp, eps, g_out, _ = nested_inputs(B, H, T, d, dv, form="coda" if form == "coda" else "realformer",
+                                                      prev=False if form == "first" else "mask", noise=noise)
+    mlp = tuple(mlp) if mlp is not None else None
+    xs = diff_inputs(q, k, v, prev, mlp)
+    grads = []
+    for fn in (nested_attention_compiled, nested_attention_ref):
+        ins = [t.detach().clone().requires_grad_() for t in xs]
+        qq, kk, vv = ins[:3]
+        pp = ins[3] if prev is not None else None
+        mm = tuple(ins[4:]) if mlp is not None and prev is not None else mlp
+        out, z = fn(qq, kk, vv, pp, mm, eps, 0.3)
+        out.backward(g_out)
+        grads.append([out.detach(), z.detach()] + [t.grad for t in ins])
+    ours, ref = grads
+    for a, b in zip(ours, ref):
+        fin = torch.isfinite(b)
+        assert torch.equal(torch.isfinite(a), fin)
+        assert torch.allclose(a[fin], b[fin], atol=1e-10, rtol=1e-10)
+
+
+@needs_cpp
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("shape", [(300, 4, 16, 6, 6), (21, 3, 16, 7, 5), (5, 6, 33, 64, 64), (3, 2, 17, 6, 6)])
+def test_cpu_paths_deterministic_across_thread_counts(shape, form):
+    """float32, both paths: 1 and 2 threads give the same bits (fixed chunks of sequences, fixed-order
+    sums, weight gradients reduced in chunk order), no noise and no grad_logits this time."""
+    B, H, T, d, dv = shape
+    q, k, v, prev, mlp, _ = make(B, H, T, d, dv, form, dtype=torch.float32, neg_inf=form != "first")
+    g = torch.randn(B, H, T, dv, generator=torch.Generator().manual_seed(3))
+
+    def run():
+        xs = [t.detach().clone().requires_grad_() for t in diff_inputs(q, k, v, prev, mlp)]
+        pp = xs[3] if prev is not None else None
+        mm = tuple(xs[4:]) if mlp is not None and prev is not None else mlp
+        out, z = nested_attention_compiled(*xs[:3], pp, mm, None, 0.4)
+        out.backward(g)
+        return [out.detach(), z.detach()] + [t.grad for t in xs]
+
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(2)
+        two = run()
+    finally:
+        torch.set_num_threads(old)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
 def _all_results(form, dtype, device, B=37):
     q, k, v, prev, mlp, eps = make(B, 4, 16, 6, 6, form, noise=True, dtype=dtype, device=device)
     xs = [t.requires_grad_() for t in diff_inputs(q, k, v, prev, mlp)]
@@ -293,3 +374,22 @@ def _all_on(q, k, v, prev, mlp, eps):
 def test_cuda_grid_stride_loops(grid_cap_3, shape, form, dtype, floor):
     """11 or 7 sequences on 3 blocks: each block walks several (forward, backward, partial reduction)."""
     check_2x(shape, form, dtype, floor, "cuda", nested_attention_compiled)
+
+
+@needs_cpp
+def test_backend_none_on_cpu_follows_the_measured_rule(monkeypatch):
+    """registry._nested_auto_cpu: the C++ op at T 16 (tile path) and with the head-MLP up to T 256, in
+    float32 with head dims <= 64; the reference elsewhere (RealFormer at T != 16, other dtypes)."""
+    from tntkernels.ops import registry
+
+    monkeypatch.delenv("TNTKERNELS_BACKEND", raising=False)
+
+    def pick(T, d, use_mlp, dtype=torch.float32):
+        q = torch.zeros(1, 2, T, d, dtype=dtype)
+        return registry.resolve("nested_attention", None, q.device, q, q, use_mlp)
+
+    assert pick(16, 6, False) == "cpu" and pick(16, 64, True) == "cpu"
+    assert pick(197, 64, True) == "cpu" and pick(256, 8, True) == "cpu"
+    assert pick(197, 64, False) == "reference" and pick(17, 6, False) == "reference"
+    assert pick(257, 8, True) == "reference" and pick(16, 65, False) == "reference"
+    assert pick(16, 6, False, torch.float64) == "reference" and pick(16, 6, True, torch.bfloat16) == "reference"
