@@ -5,7 +5,8 @@
 //   mix:   z[n, g, k] = Σ_h x[n, h, k] M[k, h, g] + m[k, g]       M (d, H, H), m (d, H)
 //   block: y[n, g, :] = z[n, g, :] @ A[g] + a[g]                   A (H, d, d), a (H, d)
 //   backward: dz = dy A[g]ᵀ (dz = dy without the block);  dx[n, h, k] = Σ_g dz[n, g, k] M[k, h, g];
-//             dA[g] = Σ_n z[n, g, :]ᵀ dy[n, g, :];  da = Σ_n dy;  dM[k, h, g] = Σ_n x[n, h, k] dz[n, g, k];  dm = Σ_n dz.
+//             dA[g] = Σ_n z[n, g, :]ᵀ dy[n, g, :];  da = Σ_n dy;  dM[k, h, g] = Σ_n x[n, h, k] dz[n, g, k];
+//             dm = Σ_n dz.
 //
 // Who computes what
 //   cuBLAS, through ATen: the per-head GEMMs, batched over the H heads. Head g of an (N, D) tensor t is the
@@ -82,7 +83,9 @@ __device__ __forceinline__ float to_f(T v) {
 // the output block fastest, so that the items that read the same rows of `in` (H > OB only) run side by side
 // and share them through L2. With H <= OB (every H <= 16) one item covers all outputs: `in` is read once.
 // Thread: lane = kk, so every load of `in` and store of `out` by a warp is 32 consecutive elements of a row;
-// warp w = row group w / wo × output group w % wo; kRT rows × kG outputs accumulated in registers.
+// warp w = row group w / wo × output group w % wo; kRT rows × kG outputs accumulated in registers: per input i,
+// kRT = 8 independent global loads (the kernel is memory-bound) and kG = 4 shared loads for 32 FMAs.
+// __launch_bounds__(kThreads, 2): at most 128 registers, two blocks (16 warps) per SM, no spills.
 // Shared memory ws: the item's weights W(k0 + kk, i, o0 + q) as floats, one row of kKTP floats (kk along it)
 // per pair (i, q), row r = i·OB + q. Staging is a transposed store: the weights of one k are contiguous in
 // global memory (M[k] is H × H) and run over r, a shared-memory row runs over kk. Warp w stages kk = w,
@@ -91,9 +94,10 @@ __device__ __forceinline__ float to_f(T v) {
 // one bank: a 32-way conflict). The compute reads the word r·kKTP + lane for a warp-uniform r: 32
 // consecutive words, conflict-free.
 template <bool TRANS, typename scalar_t>
-__global__ void __launch_bounds__(kThreads, 2) mix_kernel(const scalar_t* __restrict__ in, const scalar_t* __restrict__ M,
-                                                      const scalar_t* __restrict__ bias, scalar_t* __restrict__ out,
-                                                      int64_t N, int H, int d, int wo, int64_t rows_per_item) {
+__global__ void __launch_bounds__(kThreads, 2) mix_kernel(const scalar_t* __restrict__ in,
+                                                         const scalar_t* __restrict__ M,
+                                                         const scalar_t* __restrict__ bias, scalar_t* __restrict__ out,
+                                                         int64_t N, int H, int d, int wo, int64_t rows_per_item) {
   extern __shared__ float ws[];  // H·OB rows of kKTP floats
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int OB = wo * kG;
