@@ -130,11 +130,10 @@ __global__ void __launch_bounds__(kThreads, 2) mix_kernel(const scalar_t* __rest
     const int kc = k_ok ? k : d - 1;  // lanes past d load a valid column; their results are not stored
     const int64_t r_begin = chunk * rows_per_item, r_end = min(N, r_begin + rows_per_item);
     for (int64_t n0 = r_begin + row_off; n0 < r_end; n0 += row_step) {
-      // Rows n0 + j at 32-bit offsets from row n0 (j·D < kRT·kMaxHeads·kMaxHeadDim); rows past the chunk
-      // (j >= rows) read row n0 again and are not stored.
       const int rows = static_cast<int>(min(static_cast<int64_t>(kRT), r_end - n0));
-      const scalar_t* src = in + n0 * D + kc;
-      scalar_t* dst = out + n0 * D + k;
+      const scalar_t* src[kRT];  // in[n0 + j, i, kc], advanced by d per i; rows past the chunk read its last row
+#pragma unroll
+      for (int j = 0; j < kRT; ++j) src[j] = in + (n0 + min(j, rows - 1)) * D + kc;
       float acc[kRT][kG];
 #pragma unroll
       for (int q = 0; q < kG; ++q) {
@@ -145,10 +144,13 @@ __global__ void __launch_bounds__(kThreads, 2) mix_kernel(const scalar_t* __rest
       }
       const float* wi = ws + q0 * kKTP + lane;  // W(k0 + lane, i, o0 + q0 + q) at wi[q·kKTP]
 #pragma unroll 2
-      for (int id = 0; id < static_cast<int>(D); id += d, wi += si) {  // id = i·d
+      for (int i = 0; i < H; ++i, wi += si) {
         float xv[kRT];
 #pragma unroll
-        for (int j = 0; j < kRT; ++j) xv[j] = to_f(src[(j < rows ? j * static_cast<int>(D) : 0) + id]);
+        for (int j = 0; j < kRT; ++j) {
+          xv[j] = to_f(*src[j]);
+          src[j] += d;
+        }
 #pragma unroll
         for (int q = 0; q < kG; ++q) {
           const float wv = wi[q * kKTP];
@@ -157,6 +159,7 @@ __global__ void __launch_bounds__(kThreads, 2) mix_kernel(const scalar_t* __rest
         }
       }
       if (!k_ok) continue;
+      scalar_t* dst = out + n0 * D + k;  // out[n0 + j, o, k] at dst[j·D + o·d] (< kRT·D, 32-bit)
 #pragma unroll
       for (int j = 0; j < kRT; ++j) {
         if (j >= rows) break;
