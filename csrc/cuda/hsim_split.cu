@@ -1,32 +1,45 @@
 // TinT's H_sim-split linear op on CUDA (docs/tint.md §1): same math as csrc/cpu/hsim_split.cpp.
-// float32 / float16 / bfloat16 with float accumulation; H <= 64 heads, head width d <= 256.
+// float32 / float16 / bfloat16; H <= 64 heads, head width d <= 256 (limits.h).
 //
-// x (N, D), D = H·d:  z[n, g, k] = Σ_h x[n, h, k] M[k, h, g] + m[k, g];  y[n, g, :] = z[n, g, :] A[g] + a[g].
+// x (N, D), D = H·d, a row viewed as x[h, k]:
+//   mix:   z[n, g, k] = Σ_h x[n, h, k] M[k, h, g] + m[k, g]       M (d, H, H), m (d, H)
+//   block: y[n, g, :] = z[n, g, :] @ A[g] + a[g]                   A (H, d, d), a (H, d)
+//   backward: dz = dy A[g]ᵀ (dz = dy without the block);  dx[n, h, k] = Σ_g dz[n, g, k] M[k, h, g];
+//             dA[g] = Σ_n z[n, g, :]ᵀ dy[n, g, :];  da = Σ_n dy;  dM[k, h, g] = Σ_n x[n, h, k] dz[n, g, k];
+//             dm = Σ_n dz.
 //
-// Kernels (every grid is 1-D on axis x; each block walks its work items t = blockIdx.x, + gridDim.x, ...,
-// so no size hits the 65,535 limit of axes y / z):
-//   head_gemm:  one item per (tile of kBM rows, head g). The prologue forms the (kBM × d) input tile in
-//               shared memory (z from x through the mix, or the rows of x / dy as they are); then, for
-//               each block of kBN output columns, the (kBM × d) · (d × kBN) product runs over chunks of kBK
-//               rows of A[g] (or of A[g]ᵀ for dz = dy A[g]ᵀ) staged in shared memory, 2 × 4 outputs per
-//               thread in float registers; the bias is added in the epilogue.
-//   mix:        one thread per output element: out[n, g, k] = Σ_h in[n, h, k] W(k, h, g) (+ m[k, g]), with
-//               W = M (z) or W(k, h, g) = M[k, g, h] (dx = mix transpose of dz).
-//   wgrad_block: dA partials, one item per (row chunk c, head g, 64 × 64 tile of A[g]): Σ over the chunk's
-//               rows of z[n, g, k] dy[n, g, j], staged through shared memory, written to partial[c].
-//   wgrad_mix:  dM partials, one thread per (row chunk c, k, h, group of 16 g's), summing the chunk's rows.
-//   colsum:     da / dm partials, one thread per (row chunk c, column).
-//   reduce:     out[i] = Σ_c partial[c, i] in increasing c, cast to the output dtype.
-// The chunk sizes depend on the shapes only; there are no atomics, so every result is bitwise
-// reproducible. Backward temporaries (float, N × D): dz when both parts are present, z when both parts
-// are present.
+// Who computes what
+//   cuBLAS, through ATen: the per-head GEMMs, batched over the H heads. Head g of an (N, D) tensor t is the
+//   view heads(t) = t.view(N, H, d).transpose(0, 1): (H, N, d), strides (d, D, 1), i.e. a row-major matrix
+//   with leading dimension D and batch stride d, which ATen hands to cuBLAS's strided-batched GEMM as it is
+//   (no copy: ATen only copies an operand with no unit stride):
+//     forward   y_g  = a_g + z_g A_g    at::baddbmm_out(heads(y), a (H, 1, d), heads(z), A): beta = 1 with the
+//                                       bias broadcast over the rows as the C input (at::bmm_out without a bias)
+//     backward  dz_g = dy_g A_gᵀ        at::bmm_out(heads(dz), heads(dy), A.transpose(1, 2)), into dx itself
+//                                       without the mix
+//               dA_g = z_gᵀ dy_g        at::bmm_out(dA, heads(z).transpose(1, 2), heads(dy))
+//               da   = Σ_n dy           at::sum_out (column sums; deterministic, no atomics)
+//   They run like any torch matmul: tensor cores for float16 / bfloat16 with float accumulation, TF32 for
+//   float32 only where torch allows it (torch.backends.cuda.matmul.allow_tf32), on the current stream.
+//   Ours: the cross-head mix along k, which is no GEMM cuBLAS can take (x[:, :, k] has no unit stride):
+//     mix_kernel                z = mix(x) + m (the forward; recomputed in the backward for dA) and, TRANS,
+//                               dx = mixᵀ(dz)
+//     mix_wgrad_kernel          per chunk of rows, partial sums of dM (and of dm, as an extra row of ones)
+//     mix_wgrad_reduce_kernel   dM, dm = the chunks' partials summed in chunk order
+//   Each element of the mix is computed by one thread in float (fixed order over h); z and dz travel between
+//   our kernels and cuBLAS in x's dtype (rounded once, as PyTorch's own einsum / bmm path rounds them).
+//
+// Every grid is 1-D on axis x; each block walks its work items t = blockIdx.x, + gridDim.x, ... (so no size
+// hits the 65,535 limit of axes y / z, and any grid gives the same result). The weight-gradient chunks
+// depend on the shapes only and nothing uses atomics, so the results are bitwise reproducible (cuBLAS is,
+// run to run, on one GPU model). Temporaries: with both parts, z (N × D, x's dtype) in the forward and
+// dz (N × D, x's dtype; reused for the recomputed z) in the backward; the dM / dm partials (float, at most
+// kPartialFloats).
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <limits>
-#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -42,250 +55,205 @@ using limits::hsim_split_cuda::kMaxHeadDim;
 using limits::hsim_split_cuda::kMaxHeads;
 
 constexpr int kThreads = 256;
-constexpr int kBM = 32;  // rows per head_gemm tile
-constexpr int kBN = 64;  // output columns per step
-constexpr int kBK = 32;  // rows of A[g] staged per step
-constexpr int kWT = 64;  // dA tile (kWT × kWT)
-constexpr int kWR = 16;  // rows staged per step in wgrad_block
-constexpr int64_t kPartialFloats = 16LL << 20;  // at most 64 MB of float partials per weight gradient
+constexpr int kWarps = kThreads / 32;
+constexpr int kKT = 32;        // coordinates k per tile: one per lane of a warp
+constexpr int kKTP = kKT + 1;  // floats per row of mix_kernel's staged weights: kKT + 1 pad (see mix_kernel)
+constexpr int kG = 4;          // mix_kernel: outputs o per thread
+constexpr int kRT = 8;         // mix_kernel: rows per thread
+constexpr int kTH = 4;         // mix_wgrad_kernel: h per thread
+constexpr int kTG = 8;         // mix_wgrad_kernel: g per thread
+constexpr int64_t kPartialFloats = 16LL << 20;  // at most 64 MB of float partials for dM / dm
+
+// mix_kernel's weights in shared memory: H·OB rows of kKTP floats, H·OB <= kMaxMixWeights (mix_groups).
+constexpr int kMaxMixWeights = 512;
+constexpr int64_t kMaxMixSmemBytes = kMaxMixWeights * kKTP * sizeof(float);  // 67,584 B
+static_assert(kMaxHeads * kG <= kMaxMixWeights, "mix_kernel must fit one output group of the largest H");
+static_assert(kMaxMixSmemBytes <= 163 * 1024, "mix_kernel's shared memory must fit an sm_80 block (163 KB)");
+static_assert(kThreads % 32 == 0 && kWarps % 4 == 0, "mix_kernel splits the warps into 1, 2 or 4 output groups");
 
 template <typename T>
 __device__ __forceinline__ float to_f(T v) {
   return static_cast<float>(v);
 }
 
-// Rows [n0, n0 + kBM) of head g into zs (kBM × d, row stride ld_s): mix of x (MIX) or the input's own slice.
-template <bool MIX, typename in_t, typename scalar_t>
-__device__ __forceinline__ void load_tile(float* zs, int ld_s, const in_t* __restrict__ in,
-                                          const scalar_t* __restrict__ M, const scalar_t* __restrict__ mb, int64_t n0,
-                                          int64_t N, int H, int d, int g) {
+// out[n, o, k] = Σ_i in[n, i, k] W(k, i, o) (+ bias[k, o]) for the N rows, o < H, k < d, where
+//   W(k, i, o) = M[k, i, o]   (the mix: i = h, o = g; bias = m)
+//   W(k, i, o) = M[k, o, i]   (TRANS, its transpose: dx from dz, i = g, o = h; no bias).
+// Work item: (chunk of rows_per_item rows, tile of kKT coordinates k0 + kk, block of OB = wo·kG outputs o0 + q),
+// the output block fastest, so that the items that read the same rows of `in` (H > OB only) run side by side
+// and share them through L2. With H <= OB (every H <= 16) one item covers all outputs: `in` is read once.
+// Thread: lane = kk, so every load of `in` and store of `out` by a warp is 32 consecutive elements of a row;
+// warp w = row group w / wo × output group w % wo; kRT rows × kG outputs accumulated in registers: per input i,
+// kRT = 8 independent global loads (the kernel is memory-bound) and kG = 4 shared loads for 32 FMAs.
+// __launch_bounds__(kThreads, 2): at most 128 registers, two blocks (16 warps) per SM, no spills.
+// Shared memory ws: the item's weights W(k0 + kk, i, o0 + q) as floats, one row of kKTP floats (kk along it)
+// per pair (i, q), row r = i·OB + q. Staging is a transposed store: the weights of one k are contiguous in
+// global memory (M[k] is H × H) and run over r, a shared-memory row runs over kk. Warp w stages kk = w,
+// w + kWarps, ..., its lanes taking 32 consecutive r: they write the words r·kKTP + kk, in banks
+// (r + kk) mod 32, all different because a row is kKT + 1 = 33 floats (at 32 floats all 32 lanes would write
+// one bank: a 32-way conflict). The compute reads the word r·kKTP + lane for a warp-uniform r: 32
+// consecutive words, conflict-free.
+template <bool TRANS, typename scalar_t>
+__global__ void __launch_bounds__(kThreads, 2) mix_kernel(const scalar_t* __restrict__ in,
+                                                         const scalar_t* __restrict__ M,
+                                                         const scalar_t* __restrict__ bias, scalar_t* __restrict__ out,
+                                                         int64_t N, int H, int d, int wo, int64_t rows_per_item) {
+  extern __shared__ float ws[];  // H·OB rows of kKTP floats
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int OB = wo * kG;
+  const int q0 = (warp % wo) * kG;                     // this warp's outputs: o0 + q0 + q, q < kG
+  const int64_t row_off = (warp / wo) * kRT;           // this warp's first row in a pass of the block
+  const int64_t row_step = (kWarps / wo) * kRT;        // rows per pass of the block
   const int64_t D = static_cast<int64_t>(H) * d;
-  for (int idx = threadIdx.x; idx < kBM * d; idx += blockDim.x) {
-    const int r = idx / d, k = idx % d;
-    const int64_t n = n0 + r;
-    float v = 0.f;
-    if (n < N) {
-      if (MIX) {
-        const in_t* xr = in + n * D + k;
-        const scalar_t* w = M + static_cast<int64_t>(k) * H * H + g;  // M[k, h, g] at w[h·H]
-        for (int h = 0; h < H; ++h) v += to_f(xr[static_cast<int64_t>(h) * d]) * to_f(w[h * H]);
-        if (mb) v += to_f(mb[static_cast<int64_t>(k) * H + g]);
-      } else {
-        v = to_f(in[n * D + static_cast<int64_t>(g) * d + k]);
-      }
-    }
-    zs[r * ld_s + k] = v;
-  }
-}
-
-// out[n, g, j] = Σ_k zin[n, g, k] B_g[k, j] (+ bias[g, j]), B_g = A[g] (TRANS_B false) or A[g]ᵀ.
-template <bool MIX, bool TRANS_B, typename in_t, typename scalar_t, typename out_t>
-__global__ void __launch_bounds__(kThreads) head_gemm_kernel(const in_t* __restrict__ in,
-                                                             const scalar_t* __restrict__ M,
-                                                             const scalar_t* __restrict__ mb,
-                                                             const scalar_t* __restrict__ A,
-                                                             const scalar_t* __restrict__ bias, out_t* __restrict__ out,
-                                                             int64_t N, int H, int d) {
-  extern __shared__ float smem[];
-  __shared__ float bs[kBK][kBN];
-  const int ld_s = d + 1;
-  float* zs = smem;  // kBM × (d + 1)
-  const int64_t D = static_cast<int64_t>(H) * d;
-  const int64_t row_tiles = (N + kBM - 1) / kBM;
-  const int64_t items = row_tiles * H;
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;  // 16 × 16 threads: rows ty, ty + 16; cols tx + 16 c
+  const int k_tiles = (d + kKT - 1) / kKT, o_blocks = (H + OB - 1) / OB;
+  const int64_t chunks = (N + rows_per_item - 1) / rows_per_item;
+  const int64_t items = chunks * k_tiles * o_blocks;
+  const int lg_ob = wo == 4 ? 4 : wo == 2 ? 3 : 2;  // OB = 1 << lg_ob
+  const int staged = H * OB, si = OB * kKTP;  // weight (i, q) at ws[i·si + q·kKTP + kk]
   TNT_BLOCK_STRIDE_LOOP(item, items) {
-    const int g = static_cast<int>(item % H);
-    const int64_t n0 = (item / H) * kBM;
-    __syncthreads();  // zs of the previous item is no longer read
-    load_tile<MIX>(zs, ld_s, in, M, mb, n0, N, H, d, g);
-    const scalar_t* Ag = A + static_cast<int64_t>(g) * d * d;
-    for (int j0 = 0; j0 < d; j0 += kBN) {
-      float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-      for (int k0 = 0; k0 < d; k0 += kBK) {
-        __syncthreads();  // zs written / bs of the previous step no longer read
-        for (int idx = threadIdx.x; idx < kBK * kBN; idx += blockDim.x) {
-          int kk, jj;
-          if (TRANS_B) {  // B[k][j] = A[g][j][k]: consecutive threads read consecutive k
-            kk = idx % kBK;
-            jj = idx / kBK;
-          } else {
-            jj = idx % kBN;
-            kk = idx / kBN;
-          }
-          const int k = k0 + kk, j = j0 + jj;
-          float v = 0.f;
-          if (k < d && j < d) v = to_f(TRANS_B ? Ag[static_cast<int64_t>(j) * d + k] : Ag[static_cast<int64_t>(k) * d + j]);
-          bs[kk][jj] = v;
-        }
-        __syncthreads();
-        const int kmax = min(kBK, d - k0);
-        for (int kk = 0; kk < kmax; ++kk) {
-          const float a0 = zs[ty * ld_s + k0 + kk], a1 = zs[(ty + 16) * ld_s + k0 + kk];
+    const int ob = static_cast<int>(item % o_blocks);
+    const int kt = static_cast<int>(item / o_blocks % k_tiles);
+    const int64_t chunk = item / (static_cast<int64_t>(o_blocks) * k_tiles);
+    const int k0 = kt * kKT, o0 = ob * OB;
+    __syncthreads();  // the previous item's weights are no longer read
+    for (int kk = warp; kk < kKT; kk += kWarps) {
+      const int k = k0 + kk;
+      const scalar_t* Mk = M + static_cast<int64_t>(min(k, d - 1)) * H * H;  // M[k] (H × H); zeros past d
+      for (int r = lane; r < staged; r += 32) {
+        const int i = r >> lg_ob, q = r & (OB - 1), o = o0 + q;
+        ws[r * kKTP + kk] = k < d && o < H ? to_f(Mk[TRANS ? o * H + i : i * H + o]) : 0.f;
+      }
+    }
+    __syncthreads();
+    const int k = k0 + lane;
+    const bool k_ok = k < d;
+    const int kc = k_ok ? k : d - 1;  // lanes past d load a valid column; their results are not stored
+    const int64_t r_begin = chunk * rows_per_item, r_end = min(N, r_begin + rows_per_item);
+    for (int64_t n0 = r_begin + row_off; n0 < r_end; n0 += row_step) {
+      const int rows = static_cast<int>(min(static_cast<int64_t>(kRT), r_end - n0));
+      const scalar_t* src[kRT];  // in[n0 + j, i, kc], advanced by d per i; rows past the chunk read its last row
 #pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            const float b = bs[kk][tx + 16 * c];
-            acc[0][c] += a0 * b;
-            acc[1][c] += a1 * b;
-          }
+      for (int j = 0; j < kRT; ++j) src[j] = in + (n0 + min(j, rows - 1)) * D + kc;
+      float acc[kRT][kG];
+#pragma unroll
+      for (int q = 0; q < kG; ++q) {
+        const int o = o0 + q0 + q;
+        const float bq = (bias != nullptr && k_ok && o < H) ? to_f(bias[static_cast<int64_t>(k) * H + o]) : 0.f;
+#pragma unroll
+        for (int j = 0; j < kRT; ++j) acc[j][q] = bq;
+      }
+      const float* wi = ws + q0 * kKTP + lane;  // W(k0 + lane, i, o0 + q0 + q) at wi[q·kKTP]
+#pragma unroll 2
+      for (int i = 0; i < H; ++i, wi += si) {
+        float xv[kRT];
+#pragma unroll
+        for (int j = 0; j < kRT; ++j) {
+          xv[j] = to_f(*src[j]);
+          src[j] += d;
+        }
+#pragma unroll
+        for (int q = 0; q < kG; ++q) {
+          const float wv = wi[q * kKTP];
+#pragma unroll
+          for (int j = 0; j < kRT; ++j) acc[j][q] = fmaf(xv[j], wv, acc[j][q]);
         }
       }
+      if (!k_ok) continue;
+      scalar_t* dst = out + n0 * D + k;  // out[n0 + j, o, k] at dst[j·D + o·d] (< kRT·D, 32-bit)
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int64_t n = n0 + ty + 16 * i;
-        if (n >= N) continue;
+      for (int j = 0; j < kRT; ++j) {
+        if (j >= rows) break;
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int j = j0 + tx + 16 * c;
-          if (j >= d) continue;
-          float v = acc[i][c];
-          if (bias) v += to_f(bias[static_cast<int64_t>(g) * d + j]);
-          out[n * D + static_cast<int64_t>(g) * d + j] = static_cast<out_t>(v);
+        for (int q = 0; q < kG; ++q) {
+          const int o = o0 + q0 + q;
+          if (o < H) dst[j * static_cast<int>(D) + o * d] = static_cast<scalar_t>(acc[j][q]);
         }
       }
     }
   }
 }
 
-// out[n, g, k] = Σ_h in[n, h, k] W(k, h, g) (+ mb[k, g]); W(k, h, g) = M[k, h, g], or M[k, g, h] when TRANS.
-template <bool TRANS, typename in_t, typename scalar_t, typename out_t>
-__global__ void mix_kernel(const in_t* __restrict__ in, const scalar_t* __restrict__ M, const scalar_t* __restrict__ mb,
-                           out_t* __restrict__ out, int64_t N, int H, int d) {
-  const int64_t D = static_cast<int64_t>(H) * d, total = N * D;
-  TNT_GRID_STRIDE_LOOP(i, total) {
-    const int64_t n = i / D;
-    const int c = static_cast<int>(i - n * D), g = c / d, k = c % d;
-    const in_t* xr = in + n * D + k;
-    const scalar_t* w = M + static_cast<int64_t>(k) * H * H;
-    float v = mb ? to_f(mb[static_cast<int64_t>(k) * H + g]) : 0.f;
-    for (int h = 0; h < H; ++h)
-      v += to_f(xr[static_cast<int64_t>(h) * d]) * to_f(TRANS ? w[g * H + h] : w[h * H + g]);
-    out[i] = static_cast<out_t>(v);
-  }
-}
-
-// partial[c][g][k][j] = Σ_{n in chunk c} z[n, g, k] dy[n, g, j], tiles of kWT × kWT, 4 × 4 per thread.
-template <typename z_t, typename scalar_t>
-__global__ void __launch_bounds__(kThreads) wgrad_block_kernel(const z_t* __restrict__ z,
-                                                               const scalar_t* __restrict__ dy,
-                                                               float* __restrict__ partial, int64_t N, int H, int d,
-                                                               int64_t chunk_rows, int64_t n_chunks) {
-  __shared__ float zs[kWR][kWT + 1];
-  __shared__ float gs[kWR][kWT + 1];
-  const int64_t D = static_cast<int64_t>(H) * d;
-  const int tiles = (d + kWT - 1) / kWT;
-  const int64_t items = n_chunks * H * tiles * tiles;
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;  // k = k0 + ty + 16 i, j = j0 + tx + 16 c
+// partial[c][h][g][k] = Σ_{n in chunk c} xh[n, h, k] dz[n, g, k] for h < hr, g < H, k < d, rows in increasing
+// order, where xh[n, h, k] = x[n, h, k] for h < H and xh[n, H, k] = 1 (hr = H + 1: that row sums dm).
+// Work item: (chunk c of chunk_rows rows, tile of kKT coordinates k, group of kWarps (h, g) tiles), the group
+// fastest. Thread: lane = k - k0, warp = one tile of kTH h × kTG g, its sums in registers. Every load (a row
+// of x or dz, 32 consecutive k per warp) and every store (k fastest) is coalesced; the warps of a block that
+// need the same x or dz values read them together (L1). No shared memory and no barrier.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) mix_wgrad_kernel(const scalar_t* __restrict__ x,
+                                                            const scalar_t* __restrict__ dz,
+                                                            float* __restrict__ partial, int64_t N, int H, int d,
+                                                            int hr, int64_t chunk_rows, int64_t n_chunks) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t D = static_cast<int64_t>(H) * d, P = static_cast<int64_t>(hr) * H * d;
+  const int g_tiles = (H + kTG - 1) / kTG, tiles = (hr + kTH - 1) / kTH * g_tiles;
+  const int groups = (tiles + kWarps - 1) / kWarps, k_tiles = (d + kKT - 1) / kKT;
+  const int64_t items = n_chunks * k_tiles * groups;
   TNT_BLOCK_STRIDE_LOOP(item, items) {
-    int64_t rest = item;
-    const int jt = static_cast<int>(rest % tiles);
-    rest /= tiles;
-    const int kt = static_cast<int>(rest % tiles);
-    rest /= tiles;
-    const int g = static_cast<int>(rest % H);
-    const int64_t c = rest / H;
-    const int k0 = kt * kWT, j0 = jt * kWT;
+    const int grp = static_cast<int>(item % groups);
+    const int kt = static_cast<int>(item / groups % k_tiles);
+    const int64_t c = item / (static_cast<int64_t>(groups) * k_tiles);
+    const int t = grp * kWarps + warp, k = kt * kKT + lane;
+    if (t >= tiles || k >= d) continue;  // no barrier in this kernel: idle threads skip the item
+    const int h0 = t / g_tiles * kTH, g0 = t % g_tiles * kTG;
     const int64_t r0 = c * chunk_rows, r1 = min(N, r0 + chunk_rows);
-    float acc[4][4] = {};
-    for (int64_t nb = r0; nb < r1; nb += kWR) {
-      __syncthreads();
-      for (int idx = threadIdx.x; idx < kWR * kWT; idx += blockDim.x) {
-        const int rr = idx / kWT, cc = idx % kWT;
-        const int64_t n = nb + rr;
-        const bool okr = n < r1;
-        zs[rr][cc] = (okr && k0 + cc < d) ? to_f(z[n * D + static_cast<int64_t>(g) * d + k0 + cc]) : 0.f;
-        gs[rr][cc] = (okr && j0 + cc < d) ? to_f(dy[n * D + static_cast<int64_t>(g) * d + j0 + cc]) : 0.f;
+    float acc[kTH][kTG];
+#pragma unroll
+    for (int a = 0; a < kTH; ++a)
+#pragma unroll
+      for (int q = 0; q < kTG; ++q) acc[a][q] = 0.f;
+    const scalar_t* xr = x + r0 * D + k;
+    const scalar_t* dr = dz + r0 * D + k;
+#pragma unroll 2
+    for (int64_t n = r0; n < r1; ++n, xr += D, dr += D) {
+      float xv[kTH], dv[kTG];
+#pragma unroll
+      for (int a = 0; a < kTH; ++a) {
+        const int h = h0 + a;  // warp-uniform: no divergence
+        xv[a] = h < H ? to_f(xr[h * d]) : (h < hr ? 1.f : 0.f);
       }
-      __syncthreads();
-#pragma unroll 4
-      for (int rr = 0; rr < kWR; ++rr) {
-        float a[4], b[4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] = zs[rr][ty + 16 * i];
-#pragma unroll
-        for (int q = 0; q < 4; ++q) b[q] = gs[rr][tx + 16 * q];
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-          for (int q = 0; q < 4; ++q) acc[i][q] += a[i] * b[q];
+      for (int q = 0; q < kTG; ++q) {
+        const int g = g0 + q;
+        dv[q] = g < H ? to_f(dr[g * d]) : 0.f;
       }
+#pragma unroll
+      for (int a = 0; a < kTH; ++a)
+#pragma unroll
+        for (int q = 0; q < kTG; ++q) acc[a][q] = fmaf(xv[a], dv[q], acc[a][q]);
     }
-    float* out = partial + c * H * static_cast<int64_t>(d) * d + static_cast<int64_t>(g) * d * d;
+    float* dst = partial + c * P + k;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int k = k0 + ty + 16 * i;
-      if (k >= d) continue;
+    for (int a = 0; a < kTH; ++a) {
+      const int h = h0 + a;
+      if (h >= hr) continue;
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int j = j0 + tx + 16 * q;
-        if (j < d) out[static_cast<int64_t>(k) * d + j] = acc[i][q];
+      for (int q = 0; q < kTG; ++q) {
+        const int g = g0 + q;
+        if (g < H) dst[(static_cast<int64_t>(h) * H + g) * d] = acc[a][q];
       }
     }
   }
 }
 
-constexpr int kGGroup = 16;
-
-// partial[c][k][h][g] = Σ_{n in chunk c} x[n, h, k] dz[n, g, k]; one thread per (c, h, g-group, k).
-template <typename x_t, typename dz_t>
-__global__ void wgrad_mix_kernel(const x_t* __restrict__ x, const dz_t* __restrict__ dz, float* __restrict__ partial,
-                                 int64_t N, int H, int d, int64_t chunk_rows, int64_t n_chunks) {
-  const int64_t D = static_cast<int64_t>(H) * d;
-  const int groups = (H + kGGroup - 1) / kGGroup;
-  const int64_t total = n_chunks * H * groups * d;
-  TNT_GRID_STRIDE_LOOP(i, total) {
-    int64_t rest = i;
-    const int k = static_cast<int>(rest % d);
-    rest /= d;
-    const int gg = static_cast<int>(rest % groups);
-    rest /= groups;
-    const int h = static_cast<int>(rest % H);
-    const int64_t c = rest / H;
-    const int g0 = gg * kGGroup, ng = min(kGGroup, H - g0);
-    float acc[kGGroup];
-#pragma unroll
-    for (int q = 0; q < kGGroup; ++q) acc[q] = 0.f;
-    const int64_t r0 = c * chunk_rows, r1 = min(N, r0 + chunk_rows);
-    for (int64_t n = r0; n < r1; ++n) {
-      const float xv = to_f(x[n * D + static_cast<int64_t>(h) * d + k]);
-      const dz_t* dr = dz + n * D + k;
-#pragma unroll
-      for (int q = 0; q < kGGroup; ++q)
-        if (q < ng) acc[q] += xv * to_f(dr[static_cast<int64_t>(g0 + q) * d]);
-    }
-    float* out = partial + c * D * H + (static_cast<int64_t>(k) * H + h) * H + g0;
-#pragma unroll
-    for (int q = 0; q < kGGroup; ++q)
-      if (q < ng) out[q] = acc[q];
-  }
-}
-
-// partial[c][col] = Σ_{n in chunk c} in[n, col] for D columns.
-template <typename in_t>
-__global__ void colsum_kernel(const in_t* __restrict__ in, float* __restrict__ partial, int64_t N, int64_t D,
-                              int64_t chunk_rows, int64_t n_chunks) {
-  const int64_t total = n_chunks * D;
-  TNT_GRID_STRIDE_LOOP(i, total) {
-    const int64_t c = i / D, col = i - c * D;
-    const int64_t r0 = c * chunk_rows, r1 = min(N, r0 + chunk_rows);
-    float s = 0.f;
-    for (int64_t n = r0; n < r1; ++n) s += to_f(in[n * D + col]);
-    partial[i] = s;
-  }
-}
-
-// out[i] = Σ_c partial[c][i] (c increasing).
-template <typename out_t>
-__global__ void reduce_kernel(const float* __restrict__ partial, out_t* __restrict__ out, int64_t P, int64_t n_chunks) {
+// dM[k, h, g] = Σ_c partial[c][h][g][k] for h < H, and dm[k, g] = Σ_c partial[c][H][g][k] when hr = H + 1,
+// c increasing. Reads coalesced (one thread per partial element); dM, dm are written once.
+template <typename scalar_t>
+__global__ void mix_wgrad_reduce_kernel(const float* __restrict__ partial, scalar_t* __restrict__ dM,
+                                        scalar_t* __restrict__ dm, int H, int d, int hr, int64_t n_chunks) {
+  const int64_t P = static_cast<int64_t>(hr) * H * d;
   TNT_GRID_STRIDE_LOOP(i, P) {
     float s = 0.f;
     for (int64_t c = 0; c < n_chunks; ++c) s += partial[c * P + i];
-    out[i] = static_cast<out_t>(s);
+    const int hg = static_cast<int>(i / d), k = static_cast<int>(i - static_cast<int64_t>(hg) * d);
+    const int h = hg / H, g = hg - h * H;
+    if (h < H) dM[(static_cast<int64_t>(k) * H + h) * H + g] = static_cast<scalar_t>(s);
+    else dm[static_cast<int64_t>(k) * H + g] = static_cast<scalar_t>(s);
   }
 }
 
-// Rows per chunk of a weight-gradient reduction with `params` floats per chunk: at least `min_rows`,
-// at most kPartialFloats floats of partials in all. Depends on the shapes only.
+// Rows per chunk of the dM / dm reduction with `params` floats per chunk: at least `min_rows`, at most
+// kPartialFloats floats of partials in all. Depends on the shapes only.
 int64_t chunk_rows_for(int64_t N, int64_t params, int64_t min_rows) {
   const int64_t max_chunks = std::max<int64_t>(1, std::min<int64_t>(1024, kPartialFloats / std::max<int64_t>(1, params)));
   return std::max<int64_t>(min_rows, (N + max_chunks - 1) / max_chunks);
@@ -299,6 +267,12 @@ void check_cuda_range(const at::Tensor& x, int64_t H, int64_t d) {
               " heads and head width d <= ", kMaxHeadDim, "; got H=", H, ", d=", d);
 }
 
+// cuBLAS takes 32-bit sizes: the head GEMMs have N rows (or a reduction over N).
+void check_gemm_rows(int64_t N) {
+  TORCH_CHECK(N <= std::numeric_limits<int>::max(), "hsim_split_linear (CUDA): with block_weight, at most 2^31 - 1 ",
+              "rows (cuBLAS takes 32-bit sizes); got N=", N);
+}
+
 template <typename scalar_t>
 const scalar_t* opt_ptr(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
@@ -306,38 +280,51 @@ const scalar_t* opt_ptr(const at::Tensor& t) {
 
 at::Tensor opt_contig(const c10::optional<at::Tensor>& t) { return t.has_value() ? t->contiguous() : at::Tensor(); }
 
-template <bool MIX, bool TRANS_B, typename in_t, typename scalar_t, typename out_t>
-void launch_head_gemm(const in_t* in, const scalar_t* M, const scalar_t* mb, const scalar_t* A, const scalar_t* bias,
-                      out_t* out, int64_t N, int64_t H, int64_t d, cudaStream_t stream) {
-  const int64_t items = (N + kBM - 1) / kBM * H;
-  static_assert((kBM * (kMaxHeadDim + 1) + kBK * kBN) * sizeof(float) <= cuda::kDefaultDynamicSmemBytes,
-                "head_gemm's shared memory (zs for d <= kMaxHeadDim, and bs) must fit in 48 KB");
-  const size_t smem = static_cast<size_t>(kBM) * (d + 1) * sizeof(float);  // ≤ 32·257·4 B; with bs < 48 KB
-  cuda::launch(head_gemm_kernel<MIX, TRANS_B, in_t, scalar_t, out_t>, cuda::capped_grid(items, 1), kThreads, smem,
-               stream, in, M, mb, A, bias, out, N, static_cast<int>(H), static_cast<int>(d));
+// The heads of t (N, H·d) as a batch of H matrices: (H, N, d), strides (d, H·d, 1) (head g = t[:, g·d:(g+1)·d]).
+at::Tensor heads(const at::Tensor& t, int64_t H, int64_t d) { return t.view({t.size(0), H, d}).transpose(0, 1); }
+
+// Output groups per block of mix_kernel (1, 2 or 4; OB = wo·kG outputs per item): the fewest that cover all
+// H outputs (every H <= 16 then needs one item per rows × k tile, which reads x once), as long as the
+// item's weights fit (H·OB <= kMaxMixWeights, i.e. at most kMaxMixSmemBytes of shared memory).
+int mix_groups(int64_t H) {
+  int wo = 1;
+  while (wo < 4 && wo * kG < H && H * 2 * wo * kG <= kMaxMixWeights) wo *= 2;
+  return wo;
 }
 
-template <bool TRANS, typename in_t, typename scalar_t, typename out_t>
-void launch_mix(const in_t* in, const scalar_t* M, const scalar_t* mb, out_t* out, int64_t N, int64_t H, int64_t d,
-                cudaStream_t stream) {
-  cuda::launch(mix_kernel<TRANS, in_t, scalar_t, out_t>, cuda::capped_grid(N * H * d, kThreads), kThreads, 0, stream,
-               in, M, mb, out, N, static_cast<int>(H), static_cast<int>(d));
+template <bool TRANS, typename scalar_t>
+void launch_mix(const scalar_t* in, const scalar_t* M, const scalar_t* bias, scalar_t* out, int64_t N, int64_t H,
+                int64_t d, cudaStream_t stream) {
+  const int wo = mix_groups(H);
+  const int64_t OB = wo * kG, row_step = (kWarps / wo) * kRT;
+  const int64_t smem = H * OB * kKTP * static_cast<int64_t>(sizeof(float));  // <= kMaxMixSmemBytes
+  // Row tiles per item: enough items for ~8 blocks per SM, and as many rows as that allows to share the staged
+  // weights. The split changes no result (each output is one thread's fixed-order sum).
+  const int64_t tiles = cuda::ceil_div(N, row_step), per_rows = cuda::ceil_div(d, kKT) * cuda::ceil_div(H, OB);
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t tiles_per_item = std::max<int64_t>(1, tiles * per_rows / (8 * sms));
+  const int64_t items = cuda::ceil_div(tiles, tiles_per_item) * per_rows;
+  const auto kernel = mix_kernel<TRANS, scalar_t>;
+  cuda::allow_dynamic_smem(kernel, smem);
+  cuda::launch(kernel, cuda::capped_grid(items, 1), kThreads, static_cast<size_t>(smem), stream, in, M, bias, out, N,
+               static_cast<int>(H), static_cast<int>(d), wo, tiles_per_item * row_step);
 }
 
-// out[i] = Σ_c partial[c][i] for i < P, in the output dtype.
-template <typename out_t>
-void launch_reduce(const at::Tensor& partial, out_t* out, int64_t P, int64_t n_chunks, cudaStream_t stream) {
-  cuda::launch(reduce_kernel<out_t>, cuda::capped_grid(P, kThreads), kThreads, 0, stream, partial.data_ptr<float>(),
-               out, P, n_chunks);
-}
-
-template <typename in_t, typename out_t>
-void column_sums(const in_t* in, out_t* out, int64_t N, int64_t D, const at::Tensor& like, cudaStream_t stream) {
-  const int64_t rows = chunk_rows_for(N, D, 64), n_chunks = (N + rows - 1) / rows;
-  at::Tensor partial = at::empty({n_chunks, D}, like.options().dtype(at::kFloat));
-  cuda::launch(colsum_kernel<in_t>, cuda::capped_grid(n_chunks * D, kThreads), kThreads, 0, stream, in,
-               partial.data_ptr<float>(), N, D, rows, n_chunks);
-  launch_reduce(partial, out, D, n_chunks, stream);
+// dM (and dm when dm is not null) from x and dz: per-chunk partials, then their sum in chunk order.
+template <typename scalar_t>
+void launch_mix_wgrad(const scalar_t* x, const scalar_t* dz, scalar_t* dM, scalar_t* dm, int64_t N, int64_t H,
+                      int64_t d, const at::Tensor& like, cudaStream_t stream) {
+  const int64_t hr = H + (dm != nullptr ? 1 : 0), P = hr * H * d;
+  const int64_t rows = chunk_rows_for(N, P, 64), n_chunks = cuda::ceil_div(N, rows);
+  at::Tensor partial = at::empty({n_chunks, P}, like.options().dtype(at::kFloat));
+  const int64_t tiles = cuda::ceil_div(hr, kTH) * cuda::ceil_div(H, kTG);
+  const int64_t items = n_chunks * cuda::ceil_div(d, kKT) * cuda::ceil_div(tiles, kWarps);
+  cuda::launch(mix_wgrad_kernel<scalar_t>, cuda::capped_grid(items, 1), kThreads, 0, stream, x, dz,
+               partial.data_ptr<float>(), N, static_cast<int>(H), static_cast<int>(d), static_cast<int>(hr), rows,
+               n_chunks);
+  cuda::launch(mix_wgrad_reduce_kernel<scalar_t>, cuda::capped_grid(P, kThreads), kThreads, 0, stream,
+               partial.data_ptr<float>(), dM, dm, static_cast<int>(H), static_cast<int>(d), static_cast<int>(hr),
+               n_chunks);
 }
 
 at::Tensor hsim_split_linear_cuda(const at::Tensor& x_in, const c10::optional<at::Tensor>& M_in,
@@ -353,20 +340,21 @@ at::Tensor hsim_split_linear_cuda(const at::Tensor& x_in, const c10::optional<at
   at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (y.numel() == 0) return y;
   if (!M.defined() && !A.defined()) return y.copy_(x);
-  const cudaStream_t stream = scope.stream();
-  TNT_DISPATCH_CUDA_TYPES(x.scalar_type(), "hsim_split_linear_cuda", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    if (!A.defined()) {
-      launch_mix<false>(xp, M.data_ptr<scalar_t>(), opt_ptr<scalar_t>(m), yp, N, H, d, stream);
-    } else if (M.defined()) {
-      launch_head_gemm<true, false>(xp, M.data_ptr<scalar_t>(), opt_ptr<scalar_t>(m), A.data_ptr<scalar_t>(),
-                                    opt_ptr<scalar_t>(a), yp, N, H, d, stream);
-    } else {
-      launch_head_gemm<false, false>(xp, static_cast<const scalar_t*>(nullptr), static_cast<const scalar_t*>(nullptr),
-                                     A.data_ptr<scalar_t>(), opt_ptr<scalar_t>(a), yp, N, H, d, stream);
-    }
-  });
+  if (A.defined()) check_gemm_rows(N);
+  // z = mix(x) + m (ours): into y without the block, else into a temporary; z = x without the mix.
+  at::Tensor z = x;
+  if (M.defined()) {
+    z = A.defined() ? at::empty_like(x, at::MemoryFormat::Contiguous) : y;
+    TNT_DISPATCH_CUDA_TYPES(x.scalar_type(), "hsim_split_linear_cuda", [&] {
+      launch_mix<false>(x.data_ptr<scalar_t>(), M.data_ptr<scalar_t>(), opt_ptr<scalar_t>(m), z.data_ptr<scalar_t>(),
+                        N, H, d, scope.stream());
+    });
+  }
+  if (A.defined()) {  // y_g = a_g + z_g A_g (cuBLAS, all heads in one batched GEMM)
+    at::Tensor yh = heads(y, H, d);
+    if (a.defined()) at::baddbmm_out(yh, a.view({H, 1, d}), heads(z, H, d), A);
+    else at::bmm_out(yh, heads(z, H, d), A);
+  }
   return y;
 }
 
@@ -391,64 +379,39 @@ std::vector<at::Tensor> hsim_split_linear_backward_cuda(const at::Tensor& grad_y
     dx.copy_(gy);
     return grads;
   }
+  if (block) check_gemm_rows(N);
   const cudaStream_t stream = scope.stream();
-  const at::TensorOptions fopt = x.options().dtype(at::kFloat);
-  TNT_DISPATCH_CUDA_TYPES(x.scalar_type(), "hsim_split_linear_backward_cuda", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* gp = gy.data_ptr<scalar_t>();
-    const scalar_t* Mp = opt_ptr<scalar_t>(M);
-    const scalar_t* Ap = opt_ptr<scalar_t>(A);
-    const scalar_t* none = nullptr;
-    // dz = dy A[g]ᵀ (float workspace when the mix still needs it, else straight into dx).
-    at::Tensor dzf;
-    if (block) {
-      if (mix) {
-        dzf = at::empty({N, D}, fopt);
-        launch_head_gemm<false, true>(gp, none, none, Ap, none, dzf.data_ptr<float>(), N, H, d, stream);
-      } else {
-        launch_head_gemm<false, true>(gp, none, none, Ap, none, dx.data_ptr<scalar_t>(), N, H, d, stream);
-      }
-    }
+  // dz_g = dy_g A_gᵀ (cuBLAS), straight into dx without the mix; dz = dy without the block.
+  at::Tensor dz = gy;
+  if (block) {
+    dz = mix ? at::empty_like(x, at::MemoryFormat::Contiguous) : dx;
+    at::Tensor dzh = heads(dz, H, d);
+    at::bmm_out(dzh, heads(gy, H, d), A.transpose(1, 2));
+  }
+  if (mix) {  // dx = mixᵀ(dz); dM, dm from x and dz (ours)
+    TNT_DISPATCH_CUDA_TYPES(x.scalar_type(), "hsim_split_linear_backward_cuda", [&] {
+      const scalar_t* dzp = dz.data_ptr<scalar_t>();
+      launch_mix<true>(dzp, M.data_ptr<scalar_t>(), static_cast<const scalar_t*>(nullptr), dx.data_ptr<scalar_t>(), N,
+                       H, d, stream);
+      launch_mix_wgrad(x.data_ptr<scalar_t>(), dzp, dM.data_ptr<scalar_t>(),
+                       m.defined() ? dm.data_ptr<scalar_t>() : static_cast<scalar_t*>(nullptr), N, H, d, x, stream);
+    });
+  }
+  if (block) {  // dA_g = z_gᵀ dy_g (cuBLAS), z recomputed into dz's buffer (read by the kernels above, same stream)
+    at::Tensor z = x;
     if (mix) {
-      // dx = mix transpose of dz; dM, dm from x and dz (the float workspace, or dy itself without the block).
-      const int64_t mrows = chunk_rows_for(N, D * H, 64), mchunks = (N + mrows - 1) / mrows;
-      at::Tensor partial = at::empty({mchunks, D * H}, fopt);
-      const int64_t items = mchunks * H * ((H + kGGroup - 1) / kGGroup) * d;
-      const auto mix_grads = [&](const auto* dz) {
-        using dz_t = std::remove_cv_t<std::remove_pointer_t<decltype(dz)>>;
-        launch_mix<true>(dz, Mp, none, dx.data_ptr<scalar_t>(), N, H, d, stream);
-        cuda::launch(wgrad_mix_kernel<scalar_t, dz_t>, cuda::capped_grid(items, kThreads), kThreads, 0, stream, xp,
-                     dz, partial.data_ptr<float>(), N, static_cast<int>(H), static_cast<int>(d), mrows, mchunks);
-        if (m.defined()) {  // dm[k, g] = Σ_n dz[n, g, k]: column sums in (g, k) order, then transposed
-          at::Tensor dm_gk = at::empty({H, d}, x.options());
-          column_sums(dz, dm_gk.data_ptr<scalar_t>(), N, D, x, stream);
-          dm.copy_(dm_gk.t());
-        }
-      };
-      if (block) mix_grads(static_cast<const float*>(dzf.data_ptr<float>()));
-      else mix_grads(gp);
-      launch_reduce(partial, dM.data_ptr<scalar_t>(), D * H, mchunks, stream);
+      z = dz;
+      TNT_DISPATCH_CUDA_TYPES(x.scalar_type(), "hsim_split_linear_backward_cuda", [&] {
+        launch_mix<false>(x.data_ptr<scalar_t>(), M.data_ptr<scalar_t>(), opt_ptr<scalar_t>(m),
+                          z.data_ptr<scalar_t>(), N, H, d, stream);
+      });
     }
-    if (block) {
-      // dA from z (the mix of x, recomputed in float, or x itself) and dy; da = column sums of dy.
-      const int64_t P = H * d * d;
-      const int64_t brows = chunk_rows_for(N, P, 64), bchunks = (N + brows - 1) / brows;
-      at::Tensor partial = at::empty({bchunks, P}, fopt);
-      const int64_t tiles = (d + kWT - 1) / kWT, items = bchunks * H * tiles * tiles;
-      if (mix) {
-        at::Tensor zf = at::empty({N, D}, fopt);
-        launch_mix<false>(xp, Mp, opt_ptr<scalar_t>(m), zf.data_ptr<float>(), N, H, d, stream);
-        cuda::launch(wgrad_block_kernel<float, scalar_t>, cuda::capped_grid(items, 1), kThreads, 0, stream,
-                     zf.data_ptr<float>(), gp, partial.data_ptr<float>(), N, static_cast<int>(H), static_cast<int>(d),
-                     brows, bchunks);
-      } else {
-        cuda::launch(wgrad_block_kernel<scalar_t, scalar_t>, cuda::capped_grid(items, 1), kThreads, 0, stream, xp,
-                     gp, partial.data_ptr<float>(), N, static_cast<int>(H), static_cast<int>(d), brows, bchunks);
-      }
-      launch_reduce(partial, dA.data_ptr<scalar_t>(), P, bchunks, stream);
-      if (a.defined()) column_sums(gp, da.data_ptr<scalar_t>(), N, D, x, stream);
+    at::bmm_out(dA, heads(z, H, d).transpose(1, 2), heads(gy, H, d));
+    if (a.defined()) {  // da = Σ_n dy, the column sums of dy (N, D) as (H, d)
+      at::Tensor da_flat = da.view({D});
+      at::sum_out(da_flat, gy, at::IntArrayRef{0});
     }
-  });
+  }
   return grads;
 }
 

@@ -25,7 +25,9 @@ constexpr int64_t kMaxHeads = 16;    // "nested_attention.cuda.max_heads": H (he
 constexpr int64_t kMaxHeadDim = 64;  // "nested_attention.cuda.max_head_dim": d and dv
 }  // namespace nested_attention_cuda
 
-// hsim_split_linear (csrc/cuda/hsim_split.cu): shared-memory tiles of one head's d columns.
+// hsim_split_linear (csrc/cuda/hsim_split.cu): the mix kernel stages, per tile of 32 coordinates k, the H × (4 to
+// 16) mix weights of its outputs in shared memory (at most 66 KB at H = 64). The head GEMMs are cuBLAS's and
+// need no limit on d; d <= 256 is the supported, tested range.
 namespace hsim_split_cuda {
 constexpr int64_t kMaxHeads = 64;     // "hsim_split_linear.cuda.max_heads": H
 constexpr int64_t kMaxHeadDim = 256;  // "hsim_split_linear.cuda.max_head_dim": d
