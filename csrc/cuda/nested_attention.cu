@@ -8,8 +8,10 @@
 // head-MLP; with it at most kMaxPartialRows chunks and kPartialBytes of partial buffer; both depend on B
 // and P only); a block walks the chunks r = blockIdx.x, + gridDim.x, ... and the sequences of a chunk in
 // order. With the head-MLP, chunk r sums its weight gradients into row r of a (rows, P) float buffer
-// (at::empty: every row is written), summed with at::sum afterwards, so the weight gradients are bitwise
-// the same on any GPU and for any grid (the SM count never enters).
+// (at::empty: every row is written), summed with at::sum afterwards: the chunks depend on B and P only, so
+// the weight gradients are deterministic on a given GPU and independent of our grid. (at::sum's own
+// reduction order may depend on the GPU model, e.g. its multiprocessor count, so two different GPUs
+// may differ in the last bits.)
 // Inside a block, phases separated by __syncthreads:
 //   forward:  [positions (i, j)] S over heads, head-MLP in registers, Z → slot and logits;
 //             [rows (h, i)] softmax, lse, out = P v.
@@ -27,26 +29,32 @@
 // kernel has a stack frame. Only loops that index such a vector are unrolled.
 //
 // Shared memory (dynamic, floats; the slot moves to a global workspace of one slot per block when it does
-// not fit kSmemLimit, with the same layout):
+// not fit kSmemLimit, same layout; the host picks RS and S, see plan()):
 //   [W: P weights, padded to a multiple of 32]
 //   [slot:  Z: H × T rows of RS floats (head h, query row i at (h·T + i)·RS, key j at + j), padded to 32;
-//           backward CODA only, "feature rows" of S = roundup(T², 32) floats, position p = i·T + j at p:
+//           backward CODA only, "feature rows" of S ≥ max(T², 32) floats, position p = i·T + j at p:
 //           dy (H rows: S of phase 1, then dZ before the MLP's dU), us (H: U), a1s, a2s (4H each: A1, A2),
-//           d1s, d2s (4H each: the MLP's pre-activation gradients), ones (1 row of 1.0: the bias sums)]
-// Bank conflicts (32 banks of 4 bytes; a warp is 32 consecutive thread indices):
-//   * RS is the smallest odd RS ≥ T with T·(RS − 1) ≡ 0 (mod 32) (z_row_stride; T 16 → 17). Rows phases
-//     (thread ↔ row r = h·T + i, same j): address r·RS + j, and r ↦ r·RS is a bijection mod 32 (RS odd),
-//     so 32 consecutive r hit 32 banks. Columns phases (thread ↔ r = h·T + j, same i): address
-//     h·T·RS + i·RS + j ≡ r + i·RS (mod 32) since T·RS ≡ T: 32 banks again.
+//           d1s, d2s (4H each: the MLP's pre-activation gradients), ones (1 row of 1.0: the bias sums).
+//           Pad positions [T², S) hold 0 (ones row: 1), written once per block, so they add exact zeros.]
+// Bank conflicts (32 banks of 4 bytes; a warp is 32 consecutive thread indices). The preferred layout
+// (RS = z_row_stride(T), S = roundup(T², 32)):
+//   * RS is the smallest odd RS ≥ T with T·(RS − 1) ≡ 0 (mod 32) (T 16 → 17; odd T ≤ 31 → 33, 35 / 49
+//     → 65). Rows phases (thread ↔ row r = h·T + i, same j): address r·RS + j, and r ↦ r·RS is a
+//     bijection mod 32 (RS odd), so 32 consecutive r hit 32 banks. Columns phases (thread ↔ r = h·T + j,
+//     same i): address h·T·RS + i·RS + j ≡ r + i·RS (mod 32) since T·RS ≡ T: 32 banks again.
 //   * Feature rows start at multiples of 32 floats (W and Z padded, S ≡ 0 mod 32). Positions phases
 //     (thread ↔ p) read / write row·S + p: consecutive. The weight-gradient phase (thread ↔ weight
 //     element e, any two feature rows) has lane l read position (t + l) mod S at step t: bank
-//     (t + l) mod 32, distinct for the 32 lanes whatever rows they read. Pad positions [T², S) hold 0
-//     (ones row: 1), written once per block, so they add exact zeros.
+//     (t + l) mod 32, distinct for the 32 lanes whatever rows they read.
 //   * W is read at warp-uniform indices (broadcast).
 //   (Checked for every T ≤ 64, H ≤ 16.) The one access pattern not conflict-free: the positions phases'
 //   H reads / writes of Z per position (address i·RS + j: 2-way for T 16, at most 5-way for a few odd T),
 //   next to the d-long q·k dots from global memory and ~40·H² MLP FMAs per position.
+// The padding enlarges the slot (RS up to T + 32, S up to T² + 31), so when it does not fit, plan() retries with
+// the compact stride RS = T | 1 (still odd: rows phases conflict-free; columns phases at most 3-way,
+// positions phases at most 2-way), then also with S = max(T², 32) (positions phases still consecutive;
+// the weight-gradient phase's rows no longer start at bank 0, so it may conflict), and only then moves
+// the slot to the global workspace. S never goes below 32: the weight phase starts lane l at p = l.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -93,12 +101,11 @@ constexpr int z_row_stride(int T) {
 static_assert(z_row_stride(16) == 17 && z_row_stride(64) == 65 && z_row_stride(33) == 33 && z_row_stride(4) == 9 &&
               z_row_stride(1) == 1 && z_row_stride(3) == 33, "z_row_stride");
 
-// Floats of the forward's slot (Z) and of the backward's (Z, and with the MLP the 2H + 4·4H feature rows
-// and the ones row); the feature-row stride S.
-int64_t z_floats(int64_t H, int64_t T) { return round32(H * T * z_row_stride(static_cast<int>(T))); }
-int64_t feature_stride(int64_t T) { return round32(T * T); }
-int64_t bwd_slot_floats(int64_t H, int64_t T, bool mlp) {
-  return z_floats(H, T) + (mlp ? (2 * H + 4 * (4 * H) + 1) * feature_stride(T) : 0);
+// Floats of a slot with Z row stride RS (forward: Z; backward: Z and, with the MLP, the 2H + 4·4H
+// feature rows and the ones row, of stride S). The host picks RS and S (slot_layout below) and passes
+// both, and the slot size computed from them, to the kernels, which derive every offset from RS and S.
+int64_t slot_floats(int64_t H, int64_t T, int64_t RS, int64_t S, bool feature_rows) {
+  return round32(H * T * RS) + (feature_rows ? (2 * H + 4 * (4 * H) + 1) * S : 0);
 }
 
 __device__ __forceinline__ float leaky(float x) { return x > 0.f ? x : x * kSlope; }
@@ -261,17 +268,24 @@ __global__ void __launch_bounds__(kThreads, kH <= 4 ? 2 : 1) nested_bwd_kernel(
   float* W = smem;
   for (int e = tid; e < P; e += blockDim.x) W[e] = Wg[e];
   float* slot = slot_in_smem ? smem + round32(P) : ws + static_cast<int64_t>(blockIdx.x) * slot_size;
-  float* dz = slot;                      // H × T rows of RS: Z, then P, then dZ (dS after the MLP)
-  float* dys = dz + round32(H * HS);     // feature rows (CODA only), stride S: H of S, then dZ before dU
-  float* us = dys + H * S;               // H: U
-  float* a1s = us + H * S;               // F: A1
-  float* a2s = a1s + F * S;              // F: A2
-  float* d1s = a2s + F * S;              // F: gradient at A1's pre-activation
-  float* d2s = d1s + F * S;              // F: gradient at A2's pre-activation
-  float* ones = d2s + F * S;             // 1 row of 1.0
-  const float *w1 = W, *w2 = W + F * H + F, *w3 = w2 + F * F + F;
+  float* dz = slot;  // H × T rows of RS: Z, then P, then dZ (dS after the MLP)
+  // Feature rows (CODA only, stride S) and the MLP weights: the slot and W hold them only when P > 0, so
+  // the pointers are formed only then (never past the end of the slot or of W).
+  float *dys = nullptr, *us = nullptr, *a1s = nullptr, *a2s = nullptr, *d1s = nullptr, *d2s = nullptr,
+        *ones = nullptr;
+  const float *w1 = nullptr, *w2 = nullptr, *w3 = nullptr;
   const int nfeat = 2 * H + 4 * F;  // feature rows before `ones`
   if (P > 0) {
+    dys = dz + round32(H * HS);  // H: S of phase 1, then dZ before dU
+    us = dys + H * S;            // H: U
+    a1s = us + H * S;            // F: A1
+    a2s = a1s + F * S;           // F: A2
+    d1s = a2s + F * S;           // F: gradient at A1's pre-activation
+    d2s = d1s + F * S;           // F: gradient at A2's pre-activation
+    ones = d2s + F * S;          // 1 row of 1.0
+    w1 = W;
+    w2 = W + F * H + F;
+    w3 = w2 + F * F + F;
     // Pads [T², S) of the feature rows: 0 (never written again); the ones row: 1 everywhere.
     for (int e = tid; e < (nfeat + 1) * S; e += blockDim.x) {
       const int row = e / S, p = e % S;
@@ -464,21 +478,43 @@ void allow_max_dynamic_smem() {
   });
 }
 
-// Grid size and slot placement for `items` block work items with a per-block slot of `slot_floats`
-// floats next to P weights (depends on shapes only).
+// Slot layout, grid size and slot placement for `items` block work items next to P weights (depends on
+// shapes only). Layouts in order of preference, the first whose slot fits kSmemLimit next to W wins:
+//   1. RS = z_row_stride(T), S = roundup(T², 32): every phase but the positions phases' Z accesses
+//      conflict-free (note at the top);
+//   2. RS = T | 1 (odd, ≤ T + 1): rows phases still conflict-free, columns phases at most 3-way;
+//   3. and S = max(T², 32) (CODA backward only; S ≥ 32 since the weight phase starts lane l at p = l):
+//      positions phases still conflict-free, the weight phase no longer.
+// If none fits, the slot goes to the global workspace (one slot per block, banks do not apply) with the
+// smallest layout, 3, so that more blocks fit kWorkspaceLimit.
 struct Launch {
   int64_t grid;
   bool smem_slot;
   int64_t smem_bytes;
+  int RS, S;            // Z row stride, feature-row stride
+  int64_t slot_floats;  // per block, with this RS and S
 };
-Launch plan(int64_t items, int64_t P, int64_t slot_floats) {
+Launch plan(int64_t items, int64_t P, int64_t H, int64_t T, bool feature_rows) {
+  const int64_t layouts[3][2] = {{z_row_stride(static_cast<int>(T)), round32(T * T)},
+                                 {T | 1, round32(T * T)},
+                                 {T | 1, std::max<int64_t>(T * T, 32)}};
   Launch l;
-  const int64_t with_slot = (round32(P) + slot_floats) * static_cast<int64_t>(sizeof(float));
-  l.smem_slot = with_slot <= kSmemLimit;
-  l.smem_bytes = l.smem_slot ? with_slot : P * static_cast<int64_t>(sizeof(float));
+  l.smem_slot = false;
+  for (const auto& rs_s : layouts) {
+    l.RS = static_cast<int>(rs_s[0]);
+    l.S = static_cast<int>(rs_s[1]);
+    l.slot_floats = slot_floats(H, T, l.RS, l.S, feature_rows);
+    l.smem_bytes = (round32(P) + l.slot_floats) * static_cast<int64_t>(sizeof(float));
+    if (l.smem_bytes <= kSmemLimit) {
+      l.smem_slot = true;
+      break;
+    }
+  }
   int64_t cap = cuda::kMaxGridBlocks;
-  if (!l.smem_slot)
-    cap = std::min(cap, std::max<int64_t>(1, kWorkspaceLimit / (slot_floats * static_cast<int64_t>(sizeof(float)))));
+  if (!l.smem_slot) {  // layout 3, the last one tried
+    l.smem_bytes = P * static_cast<int64_t>(sizeof(float));
+    cap = std::min(cap, std::max<int64_t>(1, kWorkspaceLimit / (l.slot_floats * static_cast<int64_t>(sizeof(float)))));
+  }
   l.grid = cuda::capped_grid(items, 1, cap);
   return l;
 }
@@ -499,10 +535,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nested_attention_cuda(
   at::Tensor lse = at::empty({B, H, T}, q.options().dtype(at::kFloat));
   if (B * H * T == 0) return {out, logits, lse};
   const at::Tensor W = mlp ? flat_weights(head_mlp, q) : at::empty({0}, q.options().dtype(at::kFloat));
-  const int64_t P = W.numel(), slot = z_floats(H, T);
-  const Launch l = plan(B, P, slot);
+  const int64_t P = W.numel();
+  const Launch l = plan(B, P, H, T, false);
   at::Tensor ws = l.smem_slot ? at::empty({0}, q.options().dtype(at::kFloat))
-                              : at::empty({l.grid * slot}, q.options().dtype(at::kFloat));
+                              : at::empty({l.grid * l.slot_floats}, q.options().dtype(at::kFloat));
   TNT_DISPATCH_CUDA_TYPES(q.scalar_type(), "nested_attention_cuda", [&] {
     dispatch_heads(H, [&](auto kh) {
       constexpr int kH = decltype(kh)::value;
@@ -513,8 +549,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nested_attention_cuda(
                    prev.defined() ? prev.data_ptr<scalar_t>() : nullptr, W.data_ptr<float>(),
                    noise.defined() ? noise.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
                    logits.data_ptr<scalar_t>(), lse.data_ptr<float>(),
-                   l.smem_slot ? nullptr : ws.data_ptr<float>(), l.smem_slot, slot, B, static_cast<int>(H),
-                   static_cast<int>(T), z_row_stride(static_cast<int>(T)), static_cast<int>(d),
+                   l.smem_slot ? nullptr : ws.data_ptr<float>(), l.smem_slot, l.slot_floats, B,
+                   static_cast<int>(H), static_cast<int>(T), l.RS, static_cast<int>(d),
                    static_cast<int>(dv), static_cast<int>(P), static_cast<float>(scale));
     });
   });
@@ -553,10 +589,9 @@ std::vector<at::Tensor> nested_attention_backward_cuda(
   }
   at::Tensor partial = at::empty({mlp && run ? rows : 0, P}, q.options().dtype(at::kFloat));
   if (run) {
-    const int64_t slot = bwd_slot_floats(H, T, mlp);
-    const Launch l = plan(rows, P, slot);
+    const Launch l = plan(rows, P, H, T, mlp);
     at::Tensor ws = l.smem_slot ? at::empty({0}, q.options().dtype(at::kFloat))
-                                : at::empty({l.grid * slot}, q.options().dtype(at::kFloat));
+                                : at::empty({l.grid * l.slot_floats}, q.options().dtype(at::kFloat));
     TNT_DISPATCH_CUDA_TYPES(q.scalar_type(), "nested_attention_backward_cuda", [&] {
       dispatch_heads(H, [&](auto kh) {
         constexpr int kH = decltype(kh)::value;
@@ -569,10 +604,9 @@ std::vector<at::Tensor> nested_attention_backward_cuda(
                      noise.defined() ? noise.data_ptr<scalar_t>() : nullptr, lse.data_ptr<float>(),
                      dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dvt.data_ptr<scalar_t>(),
                      prev.defined() ? dprev.data_ptr<scalar_t>() : nullptr, mlp ? partial.data_ptr<float>() : nullptr,
-                     l.smem_slot ? nullptr : ws.data_ptr<float>(), l.smem_slot, slot, B, seq_per_row, rows,
-                     static_cast<int>(H), static_cast<int>(T), z_row_stride(static_cast<int>(T)),
-                     static_cast<int>(feature_stride(T)), static_cast<int>(d), static_cast<int>(dv),
-                     static_cast<int>(P), static_cast<float>(scale));
+                     l.smem_slot ? nullptr : ws.data_ptr<float>(), l.smem_slot, l.slot_floats, B, seq_per_row,
+                     rows, static_cast<int>(H), static_cast<int>(T), l.RS, l.S, static_cast<int>(d),
+                     static_cast<int>(dv), static_cast<int>(P), static_cast<float>(scale));
       });
     });
   }
