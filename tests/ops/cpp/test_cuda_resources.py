@@ -18,7 +18,7 @@ import pytest
 from tntkernels import _backend
 
 # demangled kernel name without its arguments -> why it has a stack frame today (sm_90)
-KNOWN_STACK = {
+KNOWN_STACK: dict[str, str] = {  # none today: every fp32 / fp16 / bf16 kernel keeps its state in registers
 }
 
 _LINE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
