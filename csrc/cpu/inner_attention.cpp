@@ -208,13 +208,25 @@ TNT_INLINE void scores_t16(const float* __restrict__ k, const float (*__restrict
   }
 }
 
+// load_t16 / store_t16, through registers where the head dim is a compile-time constant <= 16.
+template <int64_t D>
+TNT_INLINE void load_t(const float* src, float (*dst)[kM], int64_t d, float mul) {
+  if constexpr (D > 0 && D <= kM) load_t16_fixed<D>(src, dst, mul);
+  else load_t16(src, dst, d, mul);
+}
+template <int64_t D>
+TNT_INLINE void store_t(const float (*src)[kM], float* dst, int64_t d) {
+  if constexpr (D > 0 && D <= kM) store_t16_fixed<D>(src, dst);
+  else store_t16(src, dst, d);
+}
+
 // One pair, forward. q, k: (16, d), v: (16, dv), out: (16, dv), row-major; lse: 16 floats.
 // D, DV > 0: head dims fixed at compile time (the loops over them unroll); 0: the runtime d, dv.
 template <int64_t D, int64_t DV>
 TNT_INLINE void pair_forward16_body(const float* q, const float* k, const float* v, float* out, float* lse, int64_t d_rt, int64_t dv_rt, float scale) {
   const int64_t d = D > 0 ? D : d_rt, dv = DV > 0 ? DV : dv_rt;
   alignas(64) float qt[kFastMaxDim][kM], p[kM][kM], ot[kFastMaxDim][kM], mx[kM], sum[kM];
-  load_t16(q, qt, d, scale);
+  load_t<D>(q, qt, d, scale);
   scores_t16(k, qt, p, d);
   const float inf = std::numeric_limits<float>::infinity();
   V16 m = vload(p[0]);
@@ -236,7 +248,7 @@ TNT_INLINE void pair_forward16_body(const float* q, const float* k, const float*
     for (int64_t j = 0; j < kM; ++j) acc += v[j * dv + c] * vload(p[j]);
     vstore(ot[c], acc * inv);
   }
-  store_t16(ot, out, dv);
+  store_t<DV>(ot, out, dv);
 }
 
 TNT_TARGET_CLONES void pair_forward16(const float* q, const float* k, const float* v, float* out, float* lse,
@@ -254,8 +266,8 @@ template <int64_t D, int64_t DV>
 TNT_INLINE void pair_backward16_body(const float* g, const float* q, const float* k, const float* v, const float* o, const float* lse, float* dq, float* dk, float* dvo, int64_t d_rt, int64_t dv_rt, float scale) {
   const int64_t d = D > 0 ? D : d_rt, dv = DV > 0 ? DV : dv_rt;
   alignas(64) float kt[kFastMaxDim][kM], vt[kFastMaxDim][kM], p[kM][kM], res[kFastMaxDim][kM];
-  load_t16(k, kt, d, 1.0f);
-  load_t16(v, vt, dv, 1.0f);
+  load_t<D>(k, kt, d, 1.0f);
+  load_t<DV>(v, vt, dv, 1.0f);
   for (int64_t i = 0; i < kM; ++i) {  // S[i] = Σ_c (q[i, c]·scale) kᵀ[c]: the forward's products and order
     V16 acc = V16{};
     for (int64_t c = 0; c < d; ++c) acc += (q[i * d + c] * scale) * vload(kt[c]);
@@ -276,20 +288,20 @@ TNT_INLINE void pair_backward16_body(const float* g, const float* q, const float
     for (int64_t i = 0; i < kM; ++i) acc += q[i * d + c] * ds[i];
     vstore(res[c], acc);
   }
-  store_t16(res, dk, d);
+  store_t<D>(res, dk, d);
   for (int64_t c = 0; c < dv; ++c) {  // dVᵀ[c] = Σ_i dO[i, c] P[i]
     V16 acc = V16{};
     for (int64_t i = 0; i < kM; ++i) acc += g[i * dv + c] * vload(p[i]);
     vstore(res[c], acc);
   }
-  store_t16(res, dvo, dv);
+  store_t<DV>(res, dvo, dv);
   transpose16(ds);  // dSᵀ: ds[j] over the queries
   for (int64_t c = 0; c < d; ++c) {  // dQᵀ[c] = Σ_j k[j, c] dSᵀ[j]
     V16 acc = V16{};
     for (int64_t j = 0; j < kM; ++j) acc += k[j * d + c] * ds[j];
     vstore(res[c], acc);
   }
-  store_t16(res, dq, d);
+  store_t<D>(res, dq, d);
 }
 
 TNT_TARGET_CLONES void pair_backward16(const float* g, const float* q, const float* k, const float* v, const float* o,

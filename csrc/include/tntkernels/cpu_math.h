@@ -127,4 +127,57 @@ TNT_INLINE void transpose16(V16* a) {
 }
 #endif
 
+#if defined(__GNUC__) && !defined(__clang__)
+// The fixed-D (D <= 16) forms of load_t16 / store_t16, through registers: the 16 rows of D floats are
+// loaded as 16-lane vectors (a row's spare lanes hold the next rows' floats), transposed with
+// transpose16 and the first D vectors kept; the scalar forms above move one float at a time and then
+// reload the tile as vectors, which the CPU cannot forward from the scalar stores. No access leaves
+// the block's 16·D floats: the rows whose 16 lanes would run past its end are taken from the block's
+// last 16 floats, shifted. Values are the same as load_t16's / store_t16's (moves only, and the same
+// product by mul).
+template <int64_t D>
+TNT_INLINE V16 row16(const float* __restrict__ src, int64_t i) {
+  if (D * i + kM <= kM * D) return vload(src + D * i);
+  const int64_t off = D * i - (kM * D - kM);  // row i's first float in the last 16
+  I16 idx;
+  for (int l = 0; l < kM; ++l) idx[l] = static_cast<int32_t>((l + off) & (kM - 1));
+  return __builtin_shuffle(vload(src + kM * D - kM), idx);
+}
+template <int64_t D>
+TNT_INLINE void load_t16_fixed(const float* __restrict__ src, float (*__restrict__ dst)[kM], float mul) {
+  static_assert(D > 0 && D <= kM, "one transposed tile");
+  V16 a[kM];
+  for (int64_t i = 0; i < kM; ++i) a[i] = row16<D>(src, i);
+  transpose16(a);
+  for (int64_t c = 0; c < D; ++c) vstore(dst[c], a[c] * mul);
+}
+// dst[i·D + c] = src[c][i]: rows stored as whole vectors in increasing i, each overwriting the spare
+// lanes its predecessor wrote (all inside the block, which one task owns); the rows that would run
+// past the block's end go out float by float.
+template <int64_t D>
+TNT_INLINE void store_t16_fixed(const float (*__restrict__ src)[kM], float* __restrict__ dst) {
+  static_assert(D > 0 && D <= kM, "one transposed tile");
+  V16 a[kM];
+  for (int64_t c = 0; c < D; ++c) a[c] = vload(src[c]);
+  for (int64_t c = D; c < kM; ++c) a[c] = V16{};
+  transpose16(a);  // a[i]: row i in lanes [0, D)
+  for (int64_t i = 0; i < kM; ++i) {
+    if (D * i + kM <= kM * D) {
+      vstore(dst + D * i, a[i]);
+    } else {  // the last rows: D floats each (a whole vector would run past the block)
+      for (int64_t c = 0; c < D; ++c) dst[D * i + c] = a[i][c];
+    }
+  }
+}
+#else
+template <int64_t D>
+TNT_INLINE void load_t16_fixed(const float* __restrict__ src, float (*__restrict__ dst)[kM], float mul) {
+  load_t16(src, dst, D, mul);
+}
+template <int64_t D>
+TNT_INLINE void store_t16_fixed(const float (*__restrict__ src)[kM], float* __restrict__ dst) {
+  store_t16(src, dst, D);
+}
+#endif
+
 }  // namespace tntkernels
