@@ -23,7 +23,8 @@
 //     dZ, the MLP backward, dprev) is one pass over each row i of all heads, while that row is in L1.
 // The head-MLP runs on blocks of C positions (C = the lanes of Vec<acc_t>: 16 floats / 8 doubles), one
 // position per lane, its weights broadcast: a block's activations stay in registers / L1. Its weight
-// gradients go to per-lane accumulators of the task (one vector per weight), summed over the lanes in lane
+// gradients go to per-lane accumulators of the task (one vector per weight; the any-shape path first sums a
+// row's blocks in registers, outer_acc, so that they are read and written once per row), summed over the lanes in lane
 // order into one partial row per chunk, and the rows are summed in chunk order at the end: results do not
 // depend on the number of threads. Accumulation in float for float16 / bfloat16 / float32, double for
 // float64. One at::parallel_for per call, nothing parallel inside it.
@@ -101,7 +102,8 @@ TNT_INLINE void mlp_fwd(const MlpW<acc_t>& m, const VecT<acc_t>* __restrict__ u,
   }
 }
 
-// Back through mlp_fwd for one block: dy (H) → du (H); d1, d2: F vectors of scratch. G: per-lane weight
+// Back through mlp_fwd for one block (the T = 16 path; the any-shape path splits it into mlp_bwd_data and
+// outer_acc over a row's blocks): dy (H) → du (H); d1, d2: F vectors of scratch. G: per-lane weight
 // gradient accumulators in the flattened weight layout (lanes with dy = 0 add exact zeros).
 template <typename acc_t, int64_t HC>
 TNT_INLINE void mlp_bwd(const MlpW<acc_t>& m, const VecT<acc_t>* __restrict__ u, const VecT<acc_t>* __restrict__ a1,
@@ -137,6 +139,74 @@ TNT_INLINE void mlp_bwd(const MlpW<acc_t>& m, const VecT<acc_t>* __restrict__ u,
     V acc = V{};
     for (int64_t r = 0; r < F; ++r) acc += m.w1[r * H + c] * d1[r];
     du[c] = acc;
+  }
+}
+
+// The data half of mlp_bwd (no weight gradients): dy (H) → d2, d1 (F, kept for mlp_wgrad) → du (H).
+template <typename acc_t, int64_t HC>
+TNT_INLINE void mlp_bwd_data(const MlpW<acc_t>& m, const VecT<acc_t>* __restrict__ a1,
+                             const VecT<acc_t>* __restrict__ a2, const VecT<acc_t>* __restrict__ dy,
+                             VecT<acc_t>* __restrict__ d1, VecT<acc_t>* __restrict__ d2, VecT<acc_t>* __restrict__ du) {
+  using V = VecT<acc_t>;
+  const int64_t H = HC > 0 ? HC : m.H, F = 4 * H;
+  for (int64_t r = 0; r < F; ++r) {  // d2 = (W3ᵀ dy) ⊙ leaky'(a2)
+    V acc = V{};
+    for (int64_t h = 0; h < H; ++h) acc += m.w3[h * F + r] * dy[h];
+    d2[r] = a2[r] > acc_t(0) ? acc : acc * acc_t(kSlope);
+  }
+  for (int64_t c = 0; c < F; ++c) {  // d1 = (W2ᵀ d2) ⊙ leaky'(a1)
+    V acc = V{};
+    for (int64_t r = 0; r < F; ++r) acc += m.w2[r * F + c] * d2[r];
+    d1[c] = a1[c] > acc_t(0) ? acc : acc * acc_t(kSlope);
+  }
+  for (int64_t c = 0; c < H; ++c) {  // du = W1ᵀ d1
+    V acc = V{};
+    for (int64_t r = 0; r < F; ++r) acc += m.w1[r * H + c] * d1[r];
+    du[c] = acc;
+  }
+}
+
+// G[r·N + c] += Σ_b X_b[r] ⊙ Y_b[c] and gb[r] += Σ_b X_b[r] over nb blocks (X_b = X + b·sx, Y_b = Y + b·sy),
+// lane by lane: the weight gradients of one row's blocks as one small GEMM over the blocks, in registers,
+// so that each lane accumulator of G is read and written once per row instead of once per block. Every
+// element is one sum over b in increasing order, whatever the tiling.
+template <typename acc_t, int RT, int CT>
+TNT_INLINE void outer_tile(int64_t nb, const VecT<acc_t>* X, int64_t sx, const VecT<acc_t>* Y, int64_t sy,
+                           VecT<acc_t>* G, int64_t N, int64_t r0, int64_t c0) {
+  using V = VecT<acc_t>;
+  V acc[RT][CT];
+  for (int rr = 0; rr < RT; ++rr)
+    for (int cc = 0; cc < CT; ++cc) acc[rr][cc] = V{};
+  for (int64_t b = 0; b < nb; ++b) {
+    V x[RT];
+    for (int rr = 0; rr < RT; ++rr) x[rr] = X[b * sx + r0 + rr];
+    for (int cc = 0; cc < CT; ++cc) {
+      const V y = Y[b * sy + c0 + cc];
+      for (int rr = 0; rr < RT; ++rr) acc[rr][cc] += x[rr] * y;
+    }
+  }
+  for (int rr = 0; rr < RT; ++rr)
+    for (int cc = 0; cc < CT; ++cc) G[(r0 + rr) * N + c0 + cc] += acc[rr][cc];
+}
+template <typename acc_t>
+TNT_INLINE void outer_acc(int64_t nb, int64_t R, int64_t N, const VecT<acc_t>* X, int64_t sx, const VecT<acc_t>* Y,
+                          int64_t sy, VecT<acc_t>* G, VecT<acc_t>* gb) {
+  using V = VecT<acc_t>;
+  for (int64_t r = 0; r < R; ++r) {
+    V a = V{};
+    for (int64_t b = 0; b < nb; ++b) a += X[b * sx + r];
+    gb[r] += a;
+  }
+  int64_t r = 0;
+  for (; r + 4 <= R; r += 4) {
+    int64_t c = 0;
+    for (; c + 6 <= N; c += 6) outer_tile<acc_t, 4, 6>(nb, X, sx, Y, sy, G, N, r, c);
+    for (; c < N; ++c) outer_tile<acc_t, 4, 1>(nb, X, sx, Y, sy, G, N, r, c);
+  }
+  for (; r < R; ++r) {
+    int64_t c = 0;
+    for (; c + 6 <= N; c += 6) outer_tile<acc_t, 1, 6>(nb, X, sx, Y, sy, G, N, r, c);
+    for (; c < N; ++c) outer_tile<acc_t, 1, 1>(nb, X, sx, Y, sy, G, N, r, c);
   }
 }
 
@@ -332,8 +402,8 @@ TNT_INLINE void bwd_row(const MlpW<acc_t>* mlp, acc_t* s, acc_t* dp, const acc_t
       for (int64_t j = 0; j < T; ++j) sh_[j] = sh_[j] * scale;
     }
   }
-  V *sb = blk, *a1b = sb + nb * H, *a2b = a1b + nb * F, *u = a2b + nb * F, *y = u + H, *d1 = y + H, *d2 = d1 + F,
-    *du = d2 + F;
+  V *sb = blk, *a1b = sb + nb * H, *a2b = a1b + nb * F, *u = a2b + nb * F, *y = u + H,
+    *du = y + H, *dyb = du + H, *ub = dyb + nb * H, *d1b = ub + nb * H, *d2b = d1b + nb * F;
   if (mlp) {  // as fwd_row, keeping S, a1, a2 of every block of the row
     for (int64_t b = 0, j0 = 0; j0 < T; ++b, j0 += C) {
       const int64_t n = std::min(C, T - j0);
@@ -361,16 +431,22 @@ TNT_INLINE void bwd_row(const MlpW<acc_t>* mlp, acc_t* s, acc_t* dp, const acc_t
       for (int64_t j = 0; j < T; ++j) g[j] = z[j] * (g[j] - delta);
     }
   }
-  if (mlp) {  // dS = dZ + dU where S > −inf
+  if (mlp) {  // dS = dZ + dU where S > −inf; block by block, keeping dZ, U, d1, d2 of the row's blocks
     for (int64_t b = 0, j0 = 0; j0 < T; ++b, j0 += C) {
       const int64_t n = std::min(C, T - j0);
       const V* sbb = sb + b * H;
-      for (int64_t h = 0; h < H; ++h) y[h] = loadn(dp + h * SS + j0, n);  // dZ, zero beyond the row
-      for (int64_t h = 0; h < H; ++h) u[h] = mask_neginf<acc_t>(sbb[h]);
-      mlp_bwd<acc_t, HC>(*mlp, u, a1b + b * F, a2b + b * F, y, d1, d2, du, G);
+      V* dy = dyb + b * H;
+      for (int64_t h = 0; h < H; ++h) dy[h] = loadn(dp + h * SS + j0, n);  // dZ, zero beyond the row
+      for (int64_t h = 0; h < H; ++h) ub[b * H + h] = mask_neginf<acc_t>(sbb[h]);
+      mlp_bwd_data<acc_t, HC>(*mlp, a1b + b * F, a2b + b * F, dy, d1b + b * F, d2b + b * F, du);
       const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-      for (int64_t h = 0; h < H; ++h) storen(dp + h * SS + j0, y[h] + (sbb[h] == ninf ? V{} : du[h]), n);
+      for (int64_t h = 0; h < H; ++h) storen(dp + h * SS + j0, dy[h] + (sbb[h] == ninf ? V{} : du[h]), n);
     }
+    // Weight gradients (lanes with dZ = 0 add exact zeros), in mlp_bwd's layout: w1 b1 w2 b2 w3 b3.
+    V *gw1 = G, *gb1 = gw1 + F * H, *gw2 = gb1 + F, *gb2 = gw2 + F * F, *gw3 = gb2 + F, *gb3 = gw3 + H * F;
+    outer_acc<acc_t>(nb, H, F, dyb, H, a2b, F, gw3, gb3);  // dW3 += dy a2ᵀ
+    outer_acc<acc_t>(nb, F, F, d2b, F, a1b, F, gw2, gb2);  // dW2 += d2 a1ᵀ
+    outer_acc<acc_t>(nb, F, H, d1b, F, ub, H, gw1, gb1);   // dW1 += d1 uᵀ
   }
   if (dprev)
     for (int64_t h = 0; h < H; ++h) std::memcpy(dprev + h * TT, dp + h * SS, T * sizeof(acc_t));
@@ -379,7 +455,7 @@ TNT_INLINE void bwd_row(const MlpW<acc_t>* mlp, acc_t* s, acc_t* dp, const acc_t
 int64_t fwd_blk_vectors(int64_t H) { return 3 * H + 8 * H; }
 int64_t bwd_blk_vectors(int64_t H, int64_t T, int64_t C) {
   const int64_t F = 4 * H, nb = (T + C - 1) / C;
-  return nb * (H + 2 * F) + 3 * F + 2 * H + H;
+  return nb * (3 * H + 4 * F) + 3 * F + 3 * H;
 }
 
 // The float rows, compiled per ISA level; H 4 and 6 (TNT-S inner and outer) unrolled.
