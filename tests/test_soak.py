@@ -1,6 +1,7 @@
 """The soak test (scripts/soak.py): memory stays flat after warm-up, the loss falls, and a kill -9
 mid-epoch followed by --resume repeats the uninterrupted run's losses and weights exactly.
-CI runs the light version (120 steps); TNTKERNELS_SOAK=full runs the full one (2,070 steps, ~8 min)."""
+CI runs the light version (120 steps, marked slow: minutes); TNTKERNELS_SOAK=full runs the full one
+(2,070 steps, ~8 min)."""
 from __future__ import annotations
 
 import json
@@ -31,6 +32,7 @@ def check(summary: dict, steps: int) -> None:
     assert summary["identical_losses"] and summary["identical_weights"] and summary["steps_logged_b"] == steps
 
 
+@pytest.mark.slow
 def test_soak_light(tmp_path):
     check(soak(tmp_path, LIGHT), steps=120)
 
