@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from tntkernels import _backend, inner_attention, inner_attention_ref
 from tntkernels.ops import registry
 from helpers.inputs import attention_inputs
-from helpers.oracle import assert_2x_pytorch
+from helpers.oracle import check_2x_rule
 
 needs_cpp = pytest.mark.cpp
 
@@ -75,20 +75,11 @@ def test_cpu_op_forward_fp64(shape):
 @pytest.mark.parametrize("dtype,floor", [(torch.float32, 1e-6), (torch.float16, 1e-3), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("shape", SHAPES[:4] + SHAPES[-3:])  # SHAPES[-3:]: the m 16 fast path's other head dims
 def test_cpu_op_forward_and_grads_2x_rule(shape, dtype, floor):
-    exact_in = make(*shape, requires_grad=True)
-    low_in = [t.detach().to(dtype).requires_grad_() for t in exact_in]
-    ours_in = [t.detach().to(dtype).requires_grad_() for t in exact_in]
-    g = torch.randn(*shape[:3], shape[4], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    exact = inner_attention_ref(*exact_in)
-    low = inner_attention_ref(*low_in)
-    ours = inner_attention(*ours_in, backend="cpu")
-    assert ours.dtype == dtype
-    assert_2x_pytorch(ours, low, exact, floor, "out")
-    exact.backward(g)
-    low.backward(g.to(dtype))
-    ours.backward(g.to(dtype))
-    for name, a, b, c in zip("qkv", ours_in, low_in, exact_in):
-        assert_2x_pytorch(a.grad, b.grad, c.grad, floor, f"d{name}")
+    q, k, v = (t.to(dtype).requires_grad_() for t in make(*shape))
+    g = torch.randn(*shape[:3], shape[4], generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    assert inner_attention(q, k, v, backend="cpu").dtype == dtype
+    check_2x_rule(lambda *a: inner_attention(*a, backend="cpu"), inner_attention_ref, [q, k, v], [g], floor,
+                  names=("out", "dq", "dk", "dv"))
 
 
 @needs_cpp
@@ -192,13 +183,6 @@ def test_compiled_op_checks_inputs_directly():
 # the CUDA kernels' domain: m, d, dv <= 64 (the head_dim 70 shape is the CPU general path's)
 @pytest.mark.parametrize("shape", [s for s in SHAPES if max(s[2:]) <= 64] + [(70_000, 1, 16, 6, 6)])
 def test_cuda_op_2x_rule(shape, dtype, floor):
-    exact_in = [t.cuda().requires_grad_() for t in make(*shape)]
-    low_in = [t.detach().to(dtype).requires_grad_() for t in exact_in]
-    ours_in = [t.detach().to(dtype).requires_grad_() for t in exact_in]
-    exact, low, ours = inner_attention_ref(*exact_in), inner_attention_ref(*low_in), inner_attention(*ours_in, backend="cuda")
-    assert_2x_pytorch(ours, low, exact, floor, "out")
-    g = torch.randn_like(exact)
-    for t, gg in ((exact, g), (low, g.to(dtype)), (ours, g.to(dtype))):
-        t.backward(gg)
-    for name, a, b, c in zip("qkv", ours_in, low_in, exact_in):
-        assert_2x_pytorch(a.grad, b.grad, c.grad, floor, f"d{name}")
+    q, k, v, dout = (t.to(dtype) for t in attention_inputs(*shape, dtype=torch.float64, device="cuda"))
+    check_2x_rule(lambda *a: inner_attention(*a, backend="cuda"), inner_attention_ref,
+                  [t.requires_grad_() for t in (q, k, v)], [dout], floor, names=("out", "dq", "dk", "dv"))

@@ -8,7 +8,7 @@ import torch
 
 from tntkernels import inner_attention, inner_attention_ref
 from helpers.inputs import attention_inputs
-from helpers.oracle import assert_2x_pytorch
+from helpers.oracle import check_2x_rule
 
 
 def run(q, k, v, g, scale=None):
@@ -66,17 +66,9 @@ def test_cuda_op_allocates_only_its_outputs():
 def test_cuda_block_stride_loop(grid_cap_3, shape, dtype, floor):
     """Grid capped at 3 blocks: each block walks several groups of pairs (the last one partial); m = d = 64
     needs more than the default 48 KB of shared memory per block."""
-    exact_in = [t.clone().requires_grad_() for t in attention_inputs(*shape, dtype=torch.float64, device="cuda")[:3]]
-    low_in = [t.detach().to(dtype).requires_grad_() for t in exact_in]
-    ours_in = [t.detach().to(dtype).requires_grad_() for t in exact_in]
-    exact, low = inner_attention_ref(*exact_in), inner_attention_ref(*low_in)
-    ours = inner_attention(*ours_in, backend="cuda")
-    assert_2x_pytorch(ours, low, exact, floor, "out")
-    g = torch.randn_like(exact)
-    for t, gg in ((exact, g), (low, g.to(dtype)), (ours, g.to(dtype))):
-        t.backward(gg)
-    for name, a, b, c in zip("qkv", ours_in, low_in, exact_in):
-        assert_2x_pytorch(a.grad, b.grad, c.grad, floor, f"d{name}")
+    q, k, v, dout = (t.to(dtype) for t in attention_inputs(*shape, dtype=torch.float64, device="cuda"))
+    check_2x_rule(lambda *a: inner_attention(*a, backend="cuda"), inner_attention_ref,
+                  [t.requires_grad_() for t in (q, k, v)], [dout], floor, names=("out", "dq", "dk", "dv"))
 
 
 @pytest.mark.cpp
