@@ -26,6 +26,13 @@ seed·1000 + e, and every step reseeds the global RNGs and the augmentation gene
 (seed, epoch, step), so a run interrupted anywhere (even mid-epoch) and resumed with `--resume`
 ends with the same weights and metrics, bit for bit on CPU, as a run that never stopped.
 
+Options a timm user expects: --amp bf16|fp16 (torch.autocast on the run's device; fp16 adds a
+GradScaler, checkpointed), --compile (torch.compile of the training net; evaluation and checkpoints
+use the plain module), --model-ema [--model-ema-decay D] (timm's ModelEmaV3, checkpointed; each epoch
+also reports ema_test_acc), --clip-grad NORM (global gradient norm). They are part of the recipe: a
+resumed run keeps them unless given again. Each epoch's metrics include img_per_s and peak_mem_mb
+(CUDA: max allocated; CPU: peak resident set), both over the epoch's training steps.
+
 --save-every K also checkpoints every K steps within an epoch (a kill -9 then loses at most K steps);
 --log-every K appends {global_step, epoch, step, loss, lr, rss_mb} to DIR/steps.jsonl every K steps
 (trimmed back to the checkpoint on resume, so a resumed run's log equals an uninterrupted one's).
@@ -339,6 +346,8 @@ def _run(args: argparse.Namespace, group: ProcessGroup) -> int:
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
             scaler = ShardedGradScaler(device.type)
+            # its one-element found-inf tensors meet DTensor gradients: torch warns on every step
+            warnings.filterwarnings("ignore", message="Found a non-scalar tensor with numel=1", category=UserWarning)
         else:
             scaler = torch.amp.GradScaler(device.type)
     groups, names = _param_groups(model, recipe["weight_decay"])
