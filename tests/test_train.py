@@ -22,7 +22,7 @@ from tntkernels import train
 ROOT = Path(__file__).resolve().parents[1]
 # 32 train images in batches of 16: 2 steps per epoch; 16 test images.
 TINY = ["--limit-train", "32", "--limit-test", "16", "--batch-size", "16", "--epochs", "2"]
-TIMING = ("img_per_s", "seconds")
+TIMING = ("img_per_s", "peak_mem_mb", "seconds")
 
 
 def run(argv, capsys):
@@ -79,8 +79,10 @@ def test_one_epoch_run_writes_metrics_checkpoint_and_summary(tmp_path, capsys):
     assert m, summary
     assert m.group(4) == str(tmp_path)
     (line,) = metrics(tmp_path)
-    assert set(line) == {"epoch", "train_loss", "test_loss", "test_acc", "img_per_s", "lr", "seconds"}
+    assert set(line) == {"epoch", "train_loss", "test_loss", "test_acc", "img_per_s", "peak_mem_mb", "lr", "seconds"}
     assert line["epoch"] == 1 and 0.0 <= line["test_acc"] <= 1.0 and np.isfinite(line["train_loss"])
+    assert line["img_per_s"] > 0 and line["peak_mem_mb"] > 0
+    assert re.search(r"epoch 1/1 .* \d+ img/s  peak \d+ MiB RSS ", out), out
     assert float(m.group(1)) == pytest.approx(line["test_acc"], abs=1e-4)
     ckpt = load(tmp_path)
     assert (ckpt["model"], ckpt["dataset"], ckpt["epoch"], ckpt["step"]) == ("tnt_t_patch8_32", "digits", 1, 0)
@@ -231,6 +233,11 @@ def _write_bad_mnist(root: Path) -> Path:
     (["--fsdp"], ["--fsdp shards the model over torchrun's processes"]),
     (["--save-every", "0"], ["--save-every must be ≥ 1"]),
     (["--log-every", "-2"], ["--log-every must be ≥ 1"]),
+    (["--clip-grad", "-1"], ["--clip-grad must be a finite norm ≥ 0", "-1.0"]),
+    (["--clip-grad", "inf"], ["--clip-grad must be a finite norm ≥ 0"]),
+    (["--model-ema-decay", "1.5"], ["--model-ema-decay must be in [0, 1)", "1.5"]),
+    (["--amp", "fp8"], ["invalid choice: 'fp8'"]),
+    (["--workers", "-1"], ["--workers must be ≥ 0"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, fragments):
     bad_mnist = _write_bad_mnist(tmp_path / "bad") if "{bad_mnist}" in argv else None
@@ -346,3 +353,112 @@ def test_nested_tnt_reaches_90_percent_on_digits(tmp_path):
     match = re.search(r"^final: .*dataset=digits .*test_acc=([0-9.]+) ", summary)
     assert match, summary
     assert float(match.group(1)) >= 0.90, summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Training options: --amp, --model-ema, --clip-grad, --compile, --workers' default.
+# ---------------------------------------------------------------------------------------------
+
+# 16 train images in batches of 8: 2 steps in 1 epoch; stopping after 1 step stops mid-epoch.
+SMALL = ["--limit-train", "16", "--limit-test", "16", "--batch-size", "8", "--epochs", "1", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("options", [
+    ["--amp", "bf16", "--model-ema", "--model-ema-decay", "0.9", "--clip-grad", "0.5"],
+    ["--amp", "fp16", "--clip-grad", "1"],
+], ids=["bf16-ema-clip", "fp16-scaler"])
+def test_options_resume_exactly(tmp_path, capsys, options):
+    """Each option's state (EMA weights, the fp16 loss scale and its growth counter) is in the
+    checkpoint: stopping after step 2 of 3 and resuming ends bit for bit where a straight run ends.
+    (After step 1 the EMA is a copy of the weights, so only a later stop shows a lost EMA.)"""
+    straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
+    three_steps = SMALL + ["--limit-train", "24"] + options
+    rc, _, err = run(three_steps + ["--out", straight_dir], capsys)
+    assert rc == 0, err
+    rc, out, err = run(three_steps + ["--out", resumed_dir, "--stop-after-steps", 2], capsys)
+    assert rc == 0 and "stopped after 2 steps" in out, err
+    rc, out, err = run(["--resume", "--out", resumed_dir], capsys)  # the options come from the checkpoint
+    assert rc == 0 and "resuming" in out, err
+    a, b = load(straight_dir), load(resumed_dir)
+    assert a["recipe"]["amp"] == options[1]
+    assert_same_weights(a["model_state"], b["model_state"])
+    assert [without_timing(m) for m in metrics(straight_dir)] == [without_timing(m) for m in metrics(resumed_dir)]
+    if "--model-ema" in options:
+        assert_same_weights(a["ema_state"], b["ema_state"])
+        assert a["ema_state"].keys() == a["model_state"].keys()
+        # decay 0.9 over 3 steps: the average is not the last weights
+        assert not torch.equal(a["ema_state"]["head.weight"], a["model_state"]["head.weight"])
+        (m,) = metrics(straight_dir)
+        assert 0.0 <= m["ema_test_acc"] <= 1.0 and np.isfinite(m["ema_test_loss"])
+        assert "ema_test_acc" in out
+    else:
+        assert "ema_state" not in a
+    if options[1] == "fp16":
+        assert a["scaler"] == b["scaler"] and a["scaler"]["_growth_tracker"] == 3  # 3 finite steps
+    else:
+        assert "scaler" not in a
+
+
+def test_model_ema_decay_0_follows_the_model(tmp_path, capsys):
+    """Decay 0 makes the average the latest weights: a check that the EMA sees every step."""
+    rc, _, err = run(SMALL + ["--model-ema", "--model-ema-decay", "0", "--out", tmp_path], capsys)
+    assert rc == 0, err
+    ckpt = load(tmp_path)
+    assert_same_weights(ckpt["model_state"], ckpt["ema_state"])
+    (m,) = metrics(tmp_path)
+    assert (m["ema_test_acc"], m["ema_test_loss"]) == (m["test_acc"], m["test_loss"])
+
+
+def test_clip_grad_changes_the_step(tmp_path, capsys):
+    """A tiny norm bound clips every step (so the weights differ from an unclipped run); a huge one never does."""
+    states = {}
+    for clip in ("0", "1e-4", "1e9"):
+        rc, _, err = run(SMALL + ["--stop-after-steps", 1, "--drop-path", 0, "--clip-grad", clip,
+                                  "--out", tmp_path / clip], capsys)
+        assert rc == 0, err
+        states[clip] = load(tmp_path / clip)["model_state"]
+    assert_same_weights(states["0"], states["1e9"])
+    assert not torch.equal(states["0"]["head.weight"], states["1e-4"]["head.weight"])
+
+
+def test_compile_keeps_plain_state_dict_keys(tmp_path, capsys, monkeypatch):
+    """--compile trains through torch.compile (here its aot_eager backend: Inductor's C++ build takes
+    minutes on CPU) and checkpoints the plain module: no `_orig_mod.` keys; one step matches eager."""
+    calls = []
+    real_compile = torch.compile
+
+    def compile_aot_eager(model, **kwargs):
+        calls.append(type(model).__name__)
+        return real_compile(model, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", compile_aot_eager)
+    common = SMALL + ["--stop-after-steps", 1, "--drop-path", 0]
+    rc, _, err = run(common + ["--compile", "--out", tmp_path / "compiled"], capsys)
+    assert rc == 0, err
+    assert calls == ["TNT"]
+    rc, _, err = run(common + ["--out", tmp_path / "eager"], capsys)
+    assert rc == 0, err
+    compiled, eager = load(tmp_path / "compiled")["model_state"], load(tmp_path / "eager")["model_state"]
+    assert not [k for k in compiled if "_orig_mod" in k]
+    assert compiled.keys() == eager.keys()
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_model_ema_without_timm_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm.utils", None)  # `from timm.utils import ...` raises ImportError
+    rc, _, err = run(["--model-ema", "--out", tmp_path], capsys)
+    assert_one_error_line(rc, err, "--model-ema", "pip install timm")
+
+
+def test_amp_unsupported_on_the_device_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.amp, "is_autocast_available", lambda device_type: False)
+    rc, _, err = run(["--device", "cpu", "--amp", "bf16", "--out", tmp_path], capsys)
+    assert_one_error_line(rc, err, "--amp bf16 is not supported on cpu")
+
+
+def test_default_workers():
+    assert train._default_workers("digits") == train._default_workers("cifar10") == 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert train._default_workers("imagefolder", local_world=1) == min(8, cores)
+    assert train._default_workers("imagefolder", local_world=10 ** 6) == 0

@@ -26,6 +26,13 @@ seed·1000 + e, and every step reseeds the global RNGs and the augmentation gene
 (seed, epoch, step), so a run interrupted anywhere (even mid-epoch) and resumed with `--resume`
 ends with the same weights and metrics, bit for bit on CPU, as a run that never stopped.
 
+Options a timm user expects: --amp bf16|fp16 (torch.autocast on the run's device; fp16 adds a
+GradScaler, checkpointed), --compile (torch.compile of the training net; evaluation and checkpoints
+use the plain module), --model-ema [--model-ema-decay D] (timm's ModelEmaV3, checkpointed; each epoch
+also reports ema_test_acc), --clip-grad NORM (global gradient norm). They are part of the recipe: a
+resumed run keeps them unless given again. Each epoch's metrics include img_per_s and peak_mem_mb
+(CUDA: max allocated; CPU: peak resident set), both over the epoch's training steps.
+
 --save-every K also checkpoints every K steps within an epoch (a kill -9 then loses at most K steps);
 --log-every K appends {global_step, epoch, step, loss, lr, rss_mb} to DIR/steps.jsonl every K steps
 (trimmed back to the checkpoint on resume, so a resumed run's log equals an uninterrupted one's).
@@ -46,6 +53,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +90,10 @@ RECIPE_DEFAULTS = {
     "eval_batch_size": 256,
     "limit_train": None,
     "limit_test": None,
+    "amp": "off",
+    "clip_grad": 0.0,  # 0 = no clipping
+    "model_ema": False,
+    "model_ema_decay": 0.9998,  # timm's train.py default
 }
 # Recipe values that fix the data order and shapes: a resumed run must not change them.
 FIXED_ON_RESUME = ("img_size", "batch_size", "seed", "limit_train", "limit_test")
@@ -127,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch-size", type=int, help=f"default {RECIPE_DEFAULTS['eval_batch_size']}")
     p.add_argument("--backend", choices=_backend.BACKENDS, help="kernels used by the model (default: best available)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = cuda when available")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    p.add_argument("--workers", type=int,
+                   help="DataLoader worker processes (default: 0 for the in-memory datasets digits, mnist and "
+                        "cifar10; for imagefolder, read from disk, min(8, CPU cores / processes on this node))")
     p.add_argument("--out", metavar="DIR", help="run folder (default runs/<model>-<dataset>)")
     p.add_argument("--resume", nargs="?", const="", metavar="CKPT",
                    help="continue from CKPT (flag alone: DIR/checkpoint.pt)")
@@ -135,6 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also checkpoint every STEPS optimizer steps within an epoch (default: at epoch ends only)")
     p.add_argument("--log-every", type=int, metavar="STEPS",
                    help="append the loss, learning rate and resident memory to DIR/steps.jsonl every STEPS steps")
+    p.add_argument("--amp", choices=("off", "bf16", "fp16"),
+                   help="mixed precision: torch.autocast to bfloat16 or float16 on the run's device (fp16 with a "
+                        "gradient scaler, saved in checkpoints); default off")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward/backward (checkpoints keep the plain module's keys)")
+    p.add_argument("--model-ema", action=argparse.BooleanOptionalAction,
+                   help="keep an exponential moving average of the weights (timm's ModelEmaV3; needs timm), saved "
+                        "in checkpoints and evaluated each epoch (ema_test_acc)")
+    p.add_argument("--model-ema-decay", type=float, metavar="DECAY",
+                   help=f"EMA decay per step, default {RECIPE_DEFAULTS['model_ema_decay']}")
+    p.add_argument("--clip-grad", type=float, metavar="NORM",
+                   help="clip the global gradient norm to NORM (clip_grad_norm_); default 0 = off")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard parameters, gradients and optimizer state with FSDP2 (fully_shard per "
                         "block) instead of replicating them with DDP")
@@ -237,8 +263,16 @@ def _run(args: argparse.Namespace, group: ProcessGroup) -> int:
     device = _device(args.device, group)
     if args.backend is not None and (why := _backend.why_unavailable(args.backend, device)) is not None:
         raise UsageError(f"--backend {args.backend} cannot run on {device}: {why}")
+    if args.workers is None:
+        args.workers = _default_workers(args.dataset)
     if args.workers < 0:
         raise UsageError(f"--workers must be ≥ 0, got {args.workers}")
+    _check_amp(recipe["amp"], device)
+    if recipe["model_ema"]:
+        if args.fsdp:
+            raise UsageError("--model-ema keeps a full copy of the weights per process, which --fsdp shards; "
+                             "expected one of the two (--no-model-ema when resuming a checkpoint that used it)")
+        _model_ema_class()  # fail now, not after loading the data, when timm is missing
     for flag in ("stop_after_steps", "save_every", "log_every"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be ≥ 1, got {getattr(args, flag)}")
@@ -282,6 +316,15 @@ def _run(args: argparse.Namespace, group: ProcessGroup) -> int:
             raise UsageError(f"checkpoint {ckpt_path} stopped at step {progress['step']} of an epoch, but this data "
                              f"gives {steps_per_epoch} steps per epoch; expected the same data as when it was written")
 
+    # the EMA copies the plain module (before any wrapper) with the weights it starts from
+    ema, ema_note = None, None
+    if recipe["model_ema"]:
+        ema = _model_ema_class()(model, decay=recipe["model_ema_decay"])
+        if ckpt is not None and "ema_state" in ckpt:
+            _restore(ckpt_path, lambda: ema.module.load_state_dict(ckpt["ema_state"]), ckpt["model"])
+        elif ckpt is not None:
+            ema_note = "note: the checkpoint has no EMA weights; the EMA starts from its weights"
+
     # replicate (DDP) or shard (FSDP2) over torchrun's processes; the optimizer sees the final parameters
     net = model
     if args.fsdp:
@@ -293,6 +336,20 @@ def _run(args: argparse.Namespace, group: ProcessGroup) -> int:
     elif group.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+    if args.compile:
+        # after the DDP/FSDP wrapper (PyTorch's advice: Dynamo then splits the graph at DDP's buckets); `model`
+        # stays the plain module, so evaluation runs eagerly and checkpoints never see `_orig_mod.` keys
+        net = torch.compile(net)
+    scaler = None
+    if recipe["amp"] == "fp16":  # float16 gradients underflow without loss scaling; bfloat16 has float32's range
+        if args.fsdp:  # all-reduces "found inf" so that every rank skips the same steps
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            scaler = ShardedGradScaler(device.type)
+            # its one-element found-inf tensors meet DTensor gradients: torch warns on every step
+            warnings.filterwarnings("ignore", message="Found a non-scalar tensor with numel=1", category=UserWarning)
+        else:
+            scaler = torch.amp.GradScaler(device.type)
     groups, names = _param_groups(model, recipe["weight_decay"])
     optimizer = torch.optim.AdamW(groups, lr=recipe["lr"])
     warmup = min(round(recipe["warmup_epochs"] * steps_per_epoch), total_steps // 2)
@@ -307,6 +364,8 @@ def _run(args: argparse.Namespace, group: ProcessGroup) -> int:
             else:
                 optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
+            if scaler is not None and ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
             _set_rng_state(ckpt["rng"])
 
         _restore(ckpt_path, load_rest, ckpt["model"])
@@ -326,11 +385,13 @@ def _run(args: argparse.Namespace, group: ProcessGroup) -> int:
         if ckpt is not None:
             print(f"resuming {ckpt_path} at epoch {progress['epoch'] + 1}, step {progress['step']}/{steps_per_epoch}",
                   flush=True)
+            if ema_note is not None:
+                print(ema_note, flush=True)
         elif (out / "checkpoint.pt").exists():
             print(f"note: starting fresh; {out / 'checkpoint.pt'} will be overwritten (use --resume to continue it)")
 
     run = _Run(args, recipe, info, model, net, optimizer, scheduler, names, train_ds, test_ds, group, out,
-               progress, steps_per_epoch)
+               progress, steps_per_epoch, ema=ema, scaler=scaler)
     return run.train()
 
 
@@ -338,17 +399,19 @@ class _Run:
     """The epoch loop and what it saves; `progress` is the part of the state that is not tensors.
 
     `model` is the module (sharded in place under FSDP2), `net` what a training step calls (the DDP
-    wrapper under DDP, else `model`). Under torchrun every rank runs the same steps; `progress` is the
-    same on every rank (its sums are all-reduced each step).
+    wrapper under DDP, else `model`; compiled with --compile). Under torchrun every rank runs the same
+    steps; `progress` is the same on every rank (its sums are all-reduced each step). `ema` is timm's
+    ModelEmaV3 of `model` (--model-ema) or None, `scaler` the fp16 GradScaler (--amp fp16) or None.
     """
 
     def __init__(self, args, recipe, info, model, net, optimizer, scheduler, param_names, train_ds, test_ds, group,
-                 out, progress, steps_per_epoch):
+                 out, progress, steps_per_epoch, ema=None, scaler=None):
         self.args, self.recipe, self.info = args, recipe, info
         self.model, self.net, self.optimizer, self.scheduler = model, net, optimizer, scheduler
         self.param_names = param_names
         self.train_ds, self.test_ds, self.group, self.device = train_ds, test_ds, group, group.device
         self.out, self.progress, self.steps_per_epoch = out, progress, steps_per_epoch
+        self.ema, self.scaler = ema, scaler
         # summed over the local batch; a step scales it by world / global batch (see _train_step)
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=recipe["label_smoothing"], reduction="sum")
         self.step_log = None
@@ -364,6 +427,7 @@ class _Run:
                     epoch = p["epoch"]
                     started = time.perf_counter() - p["seconds"]
                     seen_this_run, t_run = 0, time.perf_counter()
+                    _reset_peak_memory(self.device)
                     if self._any(interrupt.requested):  # Ctrl-C came during the previous evaluation or save
                         raise KeyboardInterrupt
                     desc = f"epoch {epoch + 1}/{recipe['epochs']}"
@@ -374,7 +438,10 @@ class _Run:
                             x, y = self._augment(x, y, epoch, p["step"])
                             p["lr"] = self.optimizer.param_groups[0]["lr"]
                             loss_sum = _train_step(self.net, self.optimizer, self.scheduler, self.criterion, x, y,
-                                                   group.world / n_global)
+                                                   group.world / n_global, recipe["amp"], self.scaler,
+                                                   recipe["clip_grad"])
+                            if self.ema is not None:  # step = optimizer updates so far: the first one copies
+                                self.ema.update(self.model, step=epoch * self.steps_per_epoch + p["step"] + 1)
                             # one all-reduce per step: the global loss sum, the global count, any stop request
                             loss_sum, seen, stop = group.all_sum([loss_sum, len(y), interrupt.requested])
                             p["loss_sum"] += loss_sum
@@ -401,7 +468,12 @@ class _Run:
                                 return 0
                             if self.args.save_every is not None and global_step % self.args.save_every == 0:
                                 self._save()
-                    test_loss, test_acc = self._evaluate(interrupt)
+                    peak_mb = _peak_memory_mb(self.device)  # of this epoch's training steps (this process)
+                    test_loss, test_acc = self._evaluate(interrupt, self.model)
+                    ema_metrics = {}
+                    if self.ema is not None:
+                        ema_loss, ema_acc = self._evaluate(interrupt, self.ema.module)
+                        ema_metrics = {"ema_test_loss": ema_loss, "ema_test_acc": ema_acc}
                     seconds = time.perf_counter() - started
                     train_seconds = p["seconds"]
                     metrics = {
@@ -409,7 +481,10 @@ class _Run:
                         "train_loss": p["loss_sum"] / max(p["seen"], 1),
                         "test_loss": test_loss,
                         "test_acc": test_acc,
+                        **ema_metrics,
+                        # images over the epoch's training steps (all ranks), data loading included
                         "img_per_s": p["seen"] / train_seconds if train_seconds > 0 else 0.0,
+                        "peak_mem_mb": peak_mb,
                         "lr": p["lr"],
                         "seconds": seconds,
                     }
@@ -418,9 +493,11 @@ class _Run:
                     if group.is_main:
                         with open(self.out / "metrics.jsonl", "a") as f:
                             f.write(json.dumps(metrics) + "\n")
+                        ema_text = f"ema_test_acc {ema_metrics['ema_test_acc']:.4f}  " if ema_metrics else ""
                         tqdm.write(f"epoch {epoch + 1}/{recipe['epochs']}  train_loss {metrics['train_loss']:.4f}  "
-                                   f"test_loss {test_loss:.4f}  test_acc {test_acc:.4f}  lr {metrics['lr']:.2e}  "
-                                   f"{metrics['img_per_s']:.0f} img/s  {seconds:.1f}s")
+                                   f"test_loss {test_loss:.4f}  test_acc {test_acc:.4f}  {ema_text}"
+                                   f"lr {metrics['lr']:.2e}  {metrics['img_per_s']:.0f} img/s  "
+                                   f"peak {peak_mb:.0f} MiB {_PEAK_MEMORY_KIND[self.device.type]}  {seconds:.1f}s")
                     self._save()
             except KeyboardInterrupt:
                 path = self._save()
@@ -479,10 +556,12 @@ class _Run:
         return x, y
 
     @torch.no_grad()
-    def _evaluate(self, interrupt) -> tuple[float, float]:
-        """Loss and accuracy on the test set; rank r evaluates examples r, r + world, ... and the
-        sums are all-reduced. Every rank runs the same number of forwards (FSDP2 all-gathers in them)."""
-        self.model.eval()
+    def _evaluate(self, interrupt, module) -> tuple[float, float]:
+        """Loss and accuracy of `module` (the model or its EMA) on the test set, under --amp's autocast;
+        rank r evaluates examples r, r + world, ... and the sums are all-reduced. Every rank runs the
+        same number of forwards (FSDP2 all-gathers in them)."""
+        was_training = module.training
+        module.eval()
         world, rank = self.group.world, self.group.rank
         x_all, y_all = (t[rank::world] for t in self.test_ds.tensors)
         n_test = len(self.test_ds.tensors[1])
@@ -492,12 +571,13 @@ class _Run:
         for i in range(math.ceil(math.ceil(n_test / world) / bs)):
             x = x_all[i * bs:(i + 1) * bs].to(self.device, non_blocking=True)
             y = y_all[i * bs:(i + 1) * bs].to(self.device, non_blocking=True)
-            logits = self.model(x).float()
+            with _autocast(self.device, self.recipe["amp"]):
+                logits = module(x).float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
             correct += (logits.argmax(-1) == y).sum()
             if world == 1 and interrupt.requested:  # with several ranks, they agree on stopping after it
                 raise KeyboardInterrupt
-        self.model.train()
+        module.train(was_training)
         loss_sum, correct = self.group.all_sum([loss_sum.item(), correct.item()])
         n = max(n_test, 1)
         return loss_sum / n, correct / n
@@ -532,6 +612,8 @@ class _Run:
                 "progress": dict(self.progress),
                 "rng": _rng_state(),
                 "world_size": self.group.world,
+                **({"ema_state": self.ema.module.state_dict()} if self.ema is not None else {}),
+                **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
                 "data_order": {"seed": _data_order_seed(self.recipe["seed"], self.progress["epoch"]),
                                "generator": _data_order_generator(self.recipe["seed"],
                                                                   self.progress["epoch"]).get_state()},
@@ -655,6 +737,9 @@ def _resolve_recipe(args, ckpt: dict | None) -> dict:
     check(recipe["img_size"] is None or recipe["img_size"] >= 1, f"--img-size must be ≥ 1, got {recipe['img_size']}")
     for key in ("limit_train", "limit_test"):
         check(recipe[key] is None or recipe[key] >= 1, f"--{key.replace('_', '-')} must be ≥ 1, got {recipe[key]}")
+    check(recipe["clip_grad"] >= 0 and math.isfinite(recipe["clip_grad"]),
+          f"--clip-grad must be a finite norm ≥ 0 (0 = off), got {recipe['clip_grad']}")
+    check(0 <= recipe["model_ema_decay"] < 1, f"--model-ema-decay must be in [0, 1), got {recipe['model_ema_decay']}")
     return recipe
 
 
@@ -695,6 +780,38 @@ def _rss_mb() -> float:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# What peak_mem_mb measures, per device type (printed in the epoch line).
+_PEAK_MEMORY_KIND = {"cuda": "allocated", "cpu": "RSS"}
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA's allocator statistics, or Linux's high-water mark of the resident set
+    (writing 5 to /proc/self/clear_refs; elsewhere the peak stays the process's)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    """MiB since `_reset_peak_memory`: CUDA tensors allocated (torch.cuda.max_memory_allocated), or the
+    process's peak resident set (VmHWM; getrusage's ru_maxrss where /proc is missing)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ---------------------------------------------------------------------------------------------
@@ -745,16 +862,75 @@ def _set_rng_state(state: dict) -> None:
 # Pieces of a step.
 # ---------------------------------------------------------------------------------------------
 
-def _train_step(model, optimizer, scheduler, criterion, x, y, scale: float) -> torch.Tensor:
+def _train_step(model, optimizer, scheduler, criterion, x, y, scale: float, amp: str = "off", scaler=None,
+                clip_grad: float = 0.0) -> torch.Tensor:
     """One optimizer step on the loss summed over the local batch times `scale` = world / global
     batch: DDP and FSDP2 average gradients over the ranks, so the step follows the mean loss of the
-    global batch whatever the ranks' shares. Returns the local loss sum (detached)."""
-    loss_sum = criterion(model(x), y)
+    global batch whatever the ranks' shares. Returns the local loss sum (detached).
+
+    `amp` ("off", "bf16", "fp16"): the forward under torch.autocast; the loss is taken in float32.
+    `scaler`: a GradScaler (fp16), which skips the update when a gradient is inf/NaN. `clip_grad` > 0:
+    the gradients' global norm (over all ranks' shards under FSDP2, whose gradients are DTensors) is
+    clipped to it, after unscaling.
+    """
+    with _autocast(x.device, amp):
+        logits = model(x)
+    loss_sum = criterion(logits.float(), y)
     optimizer.zero_grad(set_to_none=True)
-    (loss_sum * scale).backward()
-    optimizer.step()
+    if scaler is None:
+        (loss_sum * scale).backward()
+        if clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(_params(optimizer), clip_grad)
+        optimizer.step()
+    else:
+        scaler.scale(loss_sum * scale).backward()
+        if clip_grad > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(_params(optimizer), clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
     scheduler.step()
     return loss_sum.detach()
+
+
+def _params(optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _autocast(device: torch.device, amp: str):
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=_AMP_DTYPES[amp])
+
+
+def _check_amp(amp: str, device: torch.device) -> None:
+    """UsageError unless autocast to `amp` runs on `device` (torch disables it with a warning otherwise)."""
+    if amp == "off":
+        return
+    if device.type == "cuda" and amp == "bf16" and not torch.cuda.is_bf16_supported():
+        raise UsageError(f"--amp bf16, but {torch.cuda.get_device_name(device)} has no bfloat16 support; "
+                         "expected --amp fp16 or off")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        enabled = torch.amp.is_autocast_available(device.type) and torch.autocast(
+            device.type, dtype=_AMP_DTYPES[amp])._enabled
+    if not enabled or caught:
+        raise UsageError(f"--amp {amp} is not supported on {device.type} by this torch {torch.__version__}"
+                         f"{f' ({_one_line(caught[0].message)})' if caught else ''}; expected --amp "
+                         f"{'bf16' if amp == 'fp16' else 'off'} or a newer torch")
+
+
+def _model_ema_class():
+    """timm.utils.ModelEmaV3 (timm is optional: only --model-ema needs it)."""
+    try:
+        from timm.utils import ModelEmaV3
+    except ImportError as exc:
+        raise UsageError(f"--model-ema uses timm's ModelEmaV3, but timm cannot be imported ({_one_line(exc)}); "
+                         "expected `pip install timm`") from None
+    return ModelEmaV3
 
 
 def _lr_factor(step: int, warmup: int, total: int) -> float:
@@ -869,6 +1045,18 @@ def _default_img_size(models, name: str) -> int:
     except Exception:  # some constructors need real tensors; build it for real then
         probe = models.create_model(name)
     return int(probe.pretrained_cfg["input_size"][-1])
+
+
+def _default_workers(dataset: str, local_world: int | None = None) -> int:
+    """--workers when not given: 0 for the in-memory datasets (a batch is a tensor slice; worker
+    processes would only add copies), else (imagefolder, decoded from disk) min(8, the CPU cores this
+    process may use / the processes on this node), so torchrun's processes share the cores."""
+    if dataset in ("digits", "mnist", "cifar10"):
+        return 0
+    if local_world is None:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, cores // max(local_world, 1))
 
 
 def _limit(ds, n: int | None):
