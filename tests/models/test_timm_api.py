@@ -146,8 +146,8 @@ def test_small_pretrained_round_trip_and_timms_adaptations(small_file):
 
 def _bad_files(folder, src):
     files = {"missing": folder / "nope.safetensors"}
-    (folder / "garbage.safetensors").write_bytes(b"\x80\x03not weights" * 64)
-    (folder / "garbage.pth").write_bytes(b"\x80\x03not weights" * 64)
+    (folder / "garbage.safetensors").write_bytes(b"\x80\x02not weights" * 64)
+    (folder / "garbage.pth").write_bytes(b"\x80\x02not weights" * 64)
     files["garbage_safetensors"] = folder / "garbage.safetensors"
     files["garbage_pth"] = folder / "garbage.pth"
     torch.save({"epoch": torch.tensor(3), "note": "x"}, folder / "not_sd.pth")
