@@ -144,6 +144,28 @@ def test_small_pretrained_round_trip_and_timms_adaptations(small_file):
     assert torch.equal(big.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight)
 
 
+# component renames from timm's TNT names to the official release's (github.com/huawei-noah/Efficient-AI-Backbones)
+OFFICIAL_NAMES = {"patch_pos": "outer_pos", "pixel_pos": "inner_pos", "pixel_embed": "patch_embed",
+                  "norm1_proj": "proj_norm1", "norm2_proj": "proj_norm2", "norm_in": "inner_norm1",
+                  "attn_in": "inner_attn", "norm_mlp_in": "inner_norm2", "mlp_in": "inner_mlp",
+                  "norm_out": "outer_norm1", "attn_out": "outer_attn", "norm_mlp": "outer_norm2", "mlp": "outer_mlp"}
+
+
+def test_official_tnt_checkpoint_names_load_through_timms_filter(tmp_path, small_file):
+    src, _ = small_file
+    official = {}
+    for k, v in src.state_dict().items():
+        if k == "pixel_pos":  # official layout (1, words, c)
+            v = v.flatten(2).transpose(1, 2).contiguous()
+        official[".".join(OFFICIAL_NAMES.get(part, part) for part in k.split("."))] = v
+    assert "blocks.0.outer_mlp.fc1.weight" in official and "inner_pos" in official
+    path = tmp_path / "official.pth"
+    torch.save({"state_dict": official}, path)
+    m = create_model("tnt_t_patch8_32", depth=2, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    for k, v in src.state_dict().items():
+        assert torch.equal(m.state_dict()[k], v), k
+
+
 def _bad_files(folder, src):
     files = {"missing": folder / "nope.safetensors"}
     (folder / "garbage.safetensors").write_bytes(b"\x80\x02not weights" * 64)

@@ -155,7 +155,8 @@ def build(name: str, variant: str, pretrained: bool, pretrained_cfg=None, pretra
         if pretrained or kwargs.get("features_only"):
             raise ImportError(f"{variant}: pretrained weights and features_only come through timm, which is not "
                               f"installed (pip install 'timm>=1.0')")
-        kwargs.pop("cache_dir", None)
+        for key in ("cache_dir", "features_only", "out_indices"):  # timm's builder arguments
+            kwargs.pop(key, None)
         model = cls(**{**cfg, **kwargs})
         model.pretrained_cfg = {**(pretrained_cfg or default_pretrained_cfg(name)), **(pretrained_cfg_overlay or {})}
         return model
@@ -213,8 +214,8 @@ def adapt_state_dict(state_dict, model: nn.Module, variant: str) -> dict:
     """timm's `pretrained_filter_fn` for our models: check the weights against the model before timm
     loads them, so a bad file fails with one line instead of a partial or multi-line load.
 
-    Resamples the sentence position embedding when the weights were trained on another grid of
-    sentences (as timm's TNT does). Leaves to timm what it adapts itself: a first-conv weight of
+    TNT / Nested-TNT weights first go through timm's TNT filter (the official release's key names;
+    patch_pos resampled to another grid of sentences); RTNT's sentence_pos is resampled the same way. Leaves to timm what it adapts itself: a first-conv weight of
     other input channels, and a head dropped because the model's class count differs.
     Raises PretrainedMismatchError naming the source, the first few offending tensors and their shapes.
     """
@@ -224,6 +225,15 @@ def adapt_state_dict(state_dict, model: nn.Module, variant: str) -> dict:
             or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise PretrainedMismatchError(f"{variant}: {source} does not hold a state_dict of tensors")
     sd = dict(state_dict)
+    if isinstance(model, TNT) and ("patch_pos" in sd or "outer_pos" in sd):
+        # timm's own TNT filter: the official release's key names (outer_pos, inner_norm1, ...) → timm's,
+        # and patch_pos resampled to this model's grid of sentences
+        from timm.models.tnt import checkpoint_filter_fn
+        try:
+            sd = checkpoint_filter_fn(sd, model)
+        except Exception as exc:
+            raise PretrainedMismatchError(f"{variant}: {source} does not fit the model: timm's TNT checkpoint "
+                                          f"filter failed ({type(exc).__name__}: {_first_line(exc)})") from exc
     expected = model.state_dict()
     for key in ("patch_pos", "sentence_pos"):  # (1, 1 + gh·gw, d), class token first
         if key in sd and key in expected and sd[key].shape != expected[key].shape and sd[key].dim() == 3 \

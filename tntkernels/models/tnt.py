@@ -55,7 +55,7 @@ def drop_path_rates(drop_path_rate: float, depth: int) -> list[float]:
 
 def take_indices(num_blocks: int, indices: int | list[int] | tuple[int, ...] | None) -> tuple[list[int], int]:
     """Which blocks' outputs to take, timm's convention: None = all, int n = the last n, a sequence =
-    those block indices (negative counts from the end). Returns (sorted-as-given indices, max index).
+    those block indices (negative counts from the end). Returns (the indices in the order given, the largest).
 
     Raises ValueError for an index outside the model (timm asserts).
     """
@@ -234,6 +234,8 @@ class PixelEmbed(nn.Module):
         = row·s_w + col.
     Source: Han et al. 2021 (TNT) §2.2; timm `PixelEmbed` (legacy=False) for names and layout.
     """
+
+    legacy = False  # the official embedding; timm's TNT checkpoint filter reads it
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int | tuple[int, int] = 16,
                  in_chans: int = 3, in_dim: int = 48, stride: int = 4, device=None, dtype=None):
