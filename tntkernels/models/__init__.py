@@ -7,6 +7,7 @@ With timm installed, importing this package also registers every model in timm's
 "tntkernels_<name>" (see `timm_models`), so `timm.create_model("tntkernels_tnt_s_patch16_224")` works.
 """
 import importlib.util
+import warnings
 
 from .nested_tnt import NestedTNT
 from .registry import (MODEL_CONFIGS, PretrainedError, PretrainedMismatchError, create_model,
@@ -18,4 +19,7 @@ __all__ = ["TNT", "PixelEmbed", "NestedTNT", "RTNT", "RTNTBlock", "TokenMerge", 
            "MODEL_CONFIGS", "default_pretrained_cfg", "PretrainedError", "PretrainedMismatchError"]
 
 if importlib.util.find_spec("timm") is not None:
-    from . import timm_models  # noqa: F401  (registers tntkernels_* in timm)
+    try:
+        from . import timm_models  # noqa: F401  (registers tntkernels_* in timm)
+    except Exception as exc:  # a broken timm install must not break tntkernels
+        warnings.warn(f"tntkernels.models: not registered in timm ({type(exc).__name__}: {exc})", stacklevel=2)

@@ -75,7 +75,7 @@ def _timm():
     try:
         import timm
         import timm.models
-    except ImportError:
+    except Exception:  # not installed, or broken (e.g. built for another torch): build without it
         return None
     return timm
 
