@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, help="default: the model's input size")
     p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--eval-batch-size", type=int, help=f"default {RECIPE_DEFAULTS['eval_batch_size']}")
+    p.add_argument("--pretrained", nargs="?", const="", metavar="FILE",
+                   help="start from pretrained weights, loaded through timm: FILE (.safetensors or a torch.save'd "
+                        "state_dict, e.g. timm's tnt_s_patch16_224 weights), or without FILE the model's released "
+                        "weights from timm's cache / the Hugging Face hub (TNT-S, TNT-B). A head of another class "
+                        "count is re-initialised; other input channels adapt the first conv")
     p.add_argument("--backend", choices=_backend.BACKENDS, help="kernels used by the model (default: best available)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = cuda when available")
     p.add_argument("--workers", type=int,
@@ -299,8 +304,10 @@ def _run(args: argparse.Namespace, group: ProcessGroup) -> int:
     try:
         model = models.create_model(args.model, num_classes=info["num_classes"], in_chans=info["in_chans"],
                                     img_size=recipe["img_size"], drop_path_rate=recipe["drop_path"],
-                                    global_pool=recipe["global_pool"], backend=args.backend)
-    except ValueError as exc:
+                                    global_pool=recipe["global_pool"], backend=args.backend,
+                                    pretrained=args.pretrained is not None,
+                                    pretrained_cfg_overlay=dict(file=args.pretrained) if args.pretrained else None)
+    except (ValueError, ImportError, models.PretrainedError) as exc:
         raise UsageError(f"cannot build {args.model} for {args.dataset} ({info['in_chans']}×{recipe['img_size']}²,"
                          f" {info['num_classes']} classes): {_one_line(exc)}") from None
     model.to(device)

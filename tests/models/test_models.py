@@ -126,7 +126,8 @@ def test_tnt_pixel_embed_stays_inside_its_sentence():
 def test_tnt_reset_classifier_and_head():
     m = create_model("tnt_t_patch8_32", depth=1)
     m.reset_classifier(3)
-    assert m(torch.randn(2, 1, 32, 32)).shape == (2, 3) and m.pretrained_cfg["num_classes"] == 3
+    assert m(torch.randn(2, 1, 32, 32)).shape == (2, 3) and m.num_classes == 3
+    assert m.pretrained_cfg["num_classes"] == 10  # the cfg describes the named model's weights (timm's rule)
     m.reset_classifier(0, global_pool="avg")
     feats = m(torch.randn(2, 1, 32, 32))
     assert feats.shape == (2, 96)
@@ -355,7 +356,7 @@ def test_small_tnt_configs():
 
 def test_create_model_overrides_and_backend():
     m = create_model("tnt_t_patch8_32", num_classes=7, in_chans=3, img_size=64, depth=1, backend="reference")
-    assert m.pretrained_cfg["input_size"] == (3, 64, 64)
+    assert m.input_size == (3, 64, 64) and m.pretrained_cfg["input_size"] == (1, 32, 32)
     assert m(torch.randn(2, 3, 64, 64)).shape == (2, 7)
     r = create_model("rtnt_n_patch8_32", depth=1, backend="reference")
     attns = [mod for mod in itertools.chain(m.modules(), r.modules()) if isinstance(mod, Attention)]

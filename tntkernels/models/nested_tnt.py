@@ -45,9 +45,6 @@ class NestedTNT(TNT):
     def _make_block(self, *args, **kwargs) -> nn.Module:
         return NestedTNTBlock(*args, **self._nesting, **kwargs)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        words, sentences = self.embed(x)
-        inner_logits = outer_logits = None
-        for blk in self.blocks:
-            words, sentences, inner_logits, outer_logits = blk(words, sentences, inner_logits, outer_logits)
-        return self.norm(sentences)  # (B, N+1, d)
+    def _initial_state(self, x: torch.Tensor) -> tuple:
+        # (words, sentences, inner logits, outer logits): the first block starts both logit chains
+        return (*self.embed(x), None, None)

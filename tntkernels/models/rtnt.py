@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from ..nn import Attention, DropPath, Mlp, TNTBlock
 from ..nn.block import fused_inner_sublayer
-from .tnt import GLOBAL_POOLS, ClassifierHead, check_image, drop_path_rates, init_weights
+from .tnt import GLOBAL_POOLS, ClassifierHead, check_image, drop_path_rates, feature_info, init_weights
 
 
 class TokenMerge(nn.Module):
@@ -188,6 +188,8 @@ class RTNT(ClassifierHead, nn.Module):
         self.num_words = self.words_side ** 2  # M, words per sentence
         self.num_letters = self.letters_side ** 2 if letters else 0  # L, letters per word
         self.letter_dim = letter_dim if letters else 0
+        self.grid_size = (self.grid, self.grid)
+        self.grad_checkpointing = False
 
         if letters:
             self.letter_embed = nn.Conv2d(in_chans, letter_dim, kernel_size=letter_size, stride=letter_size, **dd)
@@ -208,6 +210,7 @@ class RTNT(ClassifierHead, nn.Module):
                       proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=dpr, norm_layer=norm_layer,
                       backend=backend, **dd)
             for dpr in drop_path_rates(drop_path_rate, depth)])
+        self.feature_info = feature_info(depth, sentence_dim, patch_size)
         self.norm = norm_layer(sentence_dim, **dd)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(sentence_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
@@ -218,6 +221,9 @@ class RTNT(ClassifierHead, nn.Module):
         self.apply(init_weights)
         self.pretrained_cfg = {"input_size": self.input_size, "num_classes": num_classes,
                                "first_conv": "letter_embed" if letters else "word_embed", "classifier": "head"}
+
+    _SENTENCES = 2  # a block's state is (letters, words, sentences)
+    _STEM = r"^(?:letter_embed\.|letter_pos|letter_to_word\.|word_embed\.|word_pos|word_to_sentence\.|cls_token|sentence_pos)"
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -239,13 +245,11 @@ class RTNT(ClassifierHead, nn.Module):
         words = self.letter_to_word(letters.reshape(B * g * g, w * w, l * l, c)) + self.word_pos  # (B·N, M, c_w)
         return letters, words
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def _initial_state(self, x: torch.Tensor) -> tuple:
+        """Images → (letters (B·N·M, L, c_l) or None, words (B·N, M, c_w), sentences (B, N + 1, d))."""
         check_image("RTNT", x, self.input_size)
         B = x.shape[0]
         letters, words = self._embed(x)
         sentences = self.word_to_sentence(words.reshape(B, self.num_patches, *words.shape[1:]))  # (B, N, d)
         sentences = torch.cat([self.cls_token.expand(B, -1, -1), sentences], dim=1)  # (B, N+1, d)
-        sentences = self.pos_drop(sentences + self.sentence_pos)
-        for blk in self.blocks:
-            letters, words, sentences = blk(letters, words, sentences)
-        return self.norm(sentences)  # (B, N+1, d)
+        return letters, words, self.pos_drop(sentences + self.sentence_pos)
