@@ -27,6 +27,7 @@ from torch.utils.data import TensorDataset
 
 DATASETS = ("digits", "mnist", "cifar10", "imagefolder")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+GRAY_MODES = ("1", "L", "LA")
 
 MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -198,6 +199,21 @@ def _read_cifar_batch(path: Path):
 
 
 def _load_imagefolder(data_dir: Path, img_size: int):
+    train_files, test_files, classes = _imagefolder_files(data_dir)
+    gray = all(_image_mode(path) in GRAY_MODES for path, _ in train_files + test_files)
+    mode = "L" if gray else "RGB"
+
+    def stack(files):
+        arrays = [_read_image(path, mode, img_size) for path, _ in files]
+        x = torch.from_numpy(np.stack(arrays).astype(np.float32) / 255.0)  # (N, S, S) or (N, S, S, 3)
+        x = x[:, None] if gray else x.permute(0, 3, 1, 2)  # (N, C, S, S)
+        return x.contiguous(), torch.tensor([label for _, label in files], dtype=torch.int64)
+
+    return (*stack(train_files), *stack(test_files), classes)
+
+
+def _imagefolder_files(data_dir: Path):
+    """The layout rules of imagefolder: (train_files, test_files, classes), files as (path, label)."""
     train_dir = data_dir / "train"
     if train_dir.is_dir():
         test_dir = next((data_dir / d for d in ("test", "val") if (data_dir / d).is_dir()), None)
@@ -224,17 +240,7 @@ def _load_imagefolder(data_dir: Path, img_size: int):
                             f"(smallest class: {counts.min()}); expected at least 2 per class and 5 × classes in all, "
                             "or train/ and test/ folders")
         train_files, test_files = train_test_split(files, test_size=0.2, random_state=0, stratify=labels)
-
-    gray = all(_image_mode(path) in ("1", "L", "LA") for path, _ in train_files + test_files)
-    mode = "L" if gray else "RGB"
-
-    def stack(files):
-        arrays = [_read_image(path, mode, img_size) for path, _ in files]
-        x = torch.from_numpy(np.stack(arrays).astype(np.float32) / 255.0)  # (N, S, S) or (N, S, S, 3)
-        x = x[:, None] if gray else x.permute(0, 3, 1, 2)  # (N, C, S, S)
-        return x.contiguous(), torch.tensor([label for _, label in files], dtype=torch.int64)
-
-    return (*stack(train_files), *stack(test_files), classes)
+    return train_files, test_files, classes
 
 
 _LOADERS = {"digits": _load_digits, "mnist": _load_mnist, "cifar10": _load_cifar10, "imagefolder": _load_imagefolder}
