@@ -11,12 +11,14 @@ Datasets (see `DATASETS`):
                  with a fixed stratified 80/20 split (random_state 0).
 
 Every image is resized to img_size × img_size (bilinear) and normalized per channel with the mean
-and std of the training split. Bad input raises `DataError` (a ValueError) with a one-line message
+and std of the training split. The training job streams image folders instead (file lists, decoded
+per batch: tntkernels/streaming.py), with the same layout rules and errors (`_imagefolder_files`). Bad input raises `DataError` (a ValueError) with a one-line message
 saying what was expected.
 """
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 from pathlib import Path
 
@@ -283,11 +285,15 @@ def _class_dirs(root: Path) -> list[str]:
     return classes
 
 
-def _list_images(root: Path, classes: list[str], index: dict[str, int] | None = None) -> list[tuple[Path, int]]:
+def _list_images(root: Path, classes: list[str], index: dict[str, int] | None = None) -> list[tuple[str, int]]:
+    """(path, label) per image, sorted by name within a class. Paths are str, not Path: for
+    ImageNet's 1.28M files a Path each would take ~1 GB while the list is built."""
     index = index or {c: i for i, c in enumerate(classes)}
     files = []
     for c in classes:
-        found = sorted(p for p in (root / c).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        with os.scandir(root / c) as entries:
+            found = sorted(e.path for e in entries
+                           if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS)
         if not found:
             raise DataError(f"imagefolder: class folder {root / c} holds no images; expected *.png, *.jpg, *.jpeg "
                             "or *.bmp files")

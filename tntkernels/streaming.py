@@ -50,10 +50,11 @@ MODE_SAMPLE = 256  # headers read to decide colour or gray (a full scan of Image
 class FileListReader(Reader):
     """timm Reader over a fixed list of files: root + relative paths (numpy bytes) and labels (int64)."""
 
-    def __init__(self, root: Path, files: list[tuple[Path, int]]):
+    def __init__(self, root: Path, files: list[tuple[str, int]]):
         super().__init__()
         self.root = Path(root)
-        rel = [os.fsencode(p.relative_to(self.root)) for p, _ in files]
+        prefix = len(os.path.join(str(self.root), ""))  # the paths are os.path.join(root, class, name)
+        rel = [os.fsencode(p[prefix:]) for p, _ in files]
         self.paths = np.array(rel, dtype=np.bytes_) if rel else np.zeros(0, dtype="S1")
         self.labels = np.array([label for _, label in files], dtype=np.int64)
 

@@ -7,9 +7,11 @@
     torchrun --nproc_per_node 8 -m tntkernels.train --model tnt_b_patch16_224 --fsdp ...     # FSDP2
 
 AdamW, per-step cosine schedule after a linear warmup, label smoothing, drop-path; random
-translation and horizontal flips for CIFAR-10 (opt-in elsewhere). Each epoch appends one JSON line
-to DIR/metrics.jsonl and rewrites DIR/checkpoint.pt atomically; Ctrl-C finishes the current step,
-saves, and exits 130.
+translation and horizontal flips for CIFAR-10 (opt-in elsewhere). Image folders are streamed from
+disk through timm's transforms (tntkernels/streaming.py) with the TNT paper's DeiT augmentation
+(RandAugment, mixup, cutmix, random erasing, random-resized crops) by default for 224² models.
+Each epoch appends one JSON line to DIR/metrics.jsonl and rewrites DIR/checkpoint.pt atomically;
+Ctrl-C finishes the current step, saves, and exits 130.
 
 Distributed: under torchrun each process trains on its share of every global batch (--batch-size is
 the global batch; each of the N processes gets batch_size / N examples, drawn by a DistributedSampler
@@ -23,7 +25,8 @@ agree in distribution, not bit for bit, unless those are off.
 
 Resuming is exact: the order of epoch e is a permutation drawn from torch.Generator seeded
 seed·1000 + e, and every step reseeds the global RNGs and the augmentation generator from
-(seed, epoch, step), so a run interrupted anywhere (even mid-epoch) and resumed with `--resume`
+(seed, epoch, step) (a streamed image's transform from (seed, epoch, step, position in the batch),
+in whichever worker decodes it), so a run interrupted anywhere (even mid-epoch) and resumed with `--resume`
 ends with the same weights and metrics, bit for bit on CPU, as a run that never stopped.
 
 --save-every K also checkpoints every K steps within an epoch (a kill -9 then loses at most K steps);
@@ -518,9 +521,12 @@ class _Run:
         if self.streaming:
             # items (index, step seed, position): each image's augmentation is seeded by where it sits
             seed = self.recipe["seed"]
-            items = [[(int(j), _step_seed(seed, epoch, i, rank), k) for k, j in enumerate(b.tolist())]
-                     for i, b in zip(steps, index_batches)]
-            batches = self._stream(self.train_ds, "_train_loader", items)
+
+            def items(i, b):
+                step_seed = _step_seed(seed, epoch, i, rank)
+                return [(j, step_seed, k) for k, j in enumerate(b.tolist())]
+
+            batches = self._stream(self.train_ds, "_train_loader", list(zip(steps, index_batches)), items)
         else:
             batches = DataLoader(_BatchView(self.train_ds), sampler=index_batches, batch_size=None,
                                  num_workers=self.args.workers, pin_memory=self.device.type == "cuda",
@@ -529,11 +535,12 @@ class _Run:
             n_global = min(bs, n - i * bs)
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), n_global
 
-    def _stream(self, ds, attr: str, batches: list[list]):
-        """Decode `batches` (lists of dataset items) of a streamed folder with the DataLoader kept in
-        self.<attr> (one per split, so --workers processes persist across epochs; only the list of
-        batches changes, and the main process draws from it). Empty batches (a rank's share of the
-        last batch) yield empty tensors without a worker."""
+    def _stream(self, ds, attr: str, batches: list[tuple[int, torch.Tensor]], items=None):
+        """Decode `batches` ((step, index tensor) pairs) of a streamed folder with the DataLoader kept in
+        self.<attr> (one per split, so --workers processes persist across epochs; only its list of
+        batches changes, and the main process draws from it). `items(step, indices)` makes a batch's
+        dataset items when the loader asks for it (default: the indices). Empty batches (a rank's
+        share of the last batch) yield empty tensors without a worker."""
         loader = getattr(self, attr)
         if loader is None:
             workers = self.args.workers
@@ -541,12 +548,12 @@ class _Run:
                                 pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
                                 worker_init_fn=_ignore_sigint if workers else None)
             setattr(self, attr, loader)
-        loader.batch_sampler.batches = [b for b in batches if b]
+        loader.batch_sampler.set([(i, b) for i, b in batches if len(b)], items or (lambda i, b: b.tolist()))
         chans, size = self.info["in_chans"], self.recipe["img_size"]
         try:
             decoded = iter(loader)
-            for b in batches:
-                yield next(decoded) if b else (torch.empty(0, chans, size, size), torch.empty(0, dtype=torch.long))
+            for _, b in batches:
+                yield next(decoded) if len(b) else (torch.empty(0, chans, size, size), torch.empty(0, dtype=torch.long))
         except DataError as exc:  # from a worker: its message, without the worker's traceback
             from .streaming import worker_message
 
@@ -592,8 +599,9 @@ class _Run:
         bs = self.recipe["eval_batch_size"]
         n_batches = math.ceil(math.ceil(n_test / world) / bs)
         if self.streaming:
-            mine = list(range(rank, n_test, world))
-            batches = self._stream(self.test_ds, "_test_loader", [mine[i * bs:(i + 1) * bs] for i in range(n_batches)])
+            mine = torch.arange(rank, n_test, world)
+            batches = self._stream(self.test_ds, "_test_loader",
+                                   [(i, mine[i * bs:(i + 1) * bs]) for i in range(n_batches)])
         else:
             x_all, y_all = (t[rank::world] for t in self.test_ds.tensors)
             batches = ((x_all[i * bs:(i + 1) * bs], y_all[i * bs:(i + 1) * bs]) for i in range(n_batches))
@@ -929,14 +937,18 @@ def _random_translate(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> 
 
 
 class _BatchList:
-    """A DataLoader batch_sampler whose list of batches the run replaces each epoch (the DataLoader,
-    and with it its persistent workers, stays)."""
+    """A DataLoader batch_sampler whose batches the run replaces each epoch (the DataLoader, and with
+    it its persistent workers, stays). A batch's items are made when the loader draws it, so an
+    ImageNet epoch's million (index, seed, position) tuples never exist at once."""
 
     def __init__(self):
-        self.batches = []
+        self.batches, self.items = [], None
+
+    def set(self, batches: list[tuple[int, torch.Tensor]], items) -> None:
+        self.batches, self.items = batches, items
 
     def __iter__(self):
-        return iter(self.batches)
+        return (self.items(i, b) for i, b in self.batches)
 
     def __len__(self):
         return len(self.batches)
