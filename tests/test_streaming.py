@@ -137,6 +137,20 @@ def test_augmentation_is_a_function_of_the_item_seed(photos):
     assert not torch.equal(a, train_ds[(3, 12, 0)][0]) or not torch.equal(a, train_ds[(3, 11, 1)][0])
 
 
+@pytest.mark.parametrize("aa", ["rand-m9-mstd0.5-inc1", "v0", "original"])
+def test_posterize_to_zero_bits_is_black_not_an_error(photos, aa):
+    """RandAugment's magnitude noise reaches level 10 = keep 0 bits, which Pillow ≥ 12 rejects."""
+    train_ds, _, _, _ = _opened(photos, aa=aa)
+    ops = [op for t in train_ds.transform.transforms
+           for op in (getattr(t, "ops", None) or [o for sub in getattr(t, "policy", ()) for o in sub])]
+    posterize = [op for op in ops if op.name.startswith("Posterize")]
+    assert posterize, [op.name for op in ops]
+    img = PIL.open(photos / "train" / train_ds.filename(0).split("/", 1)[1]).convert("RGB")
+    for op in posterize:
+        assert not np.asarray(op.aug_fn(img, 0)).any()
+        assert np.array_equal(np.asarray(op.aug_fn(img, 2)), np.asarray(img) & 0b11000000)
+
+
 def test_unreadable_image_names_the_file(photos, tmp_path):
     from tntkernels.streaming import open_imagefolder
 

@@ -133,7 +133,30 @@ def set_transforms(train_ds, test_ds, pretrained_cfg: dict, img_size: int, in_ch
         hflip=0.5 if hflip else 0.0, color_jitter=0.0, auto_augment=aa, re_prob=reprob, re_mode="pixel")
     test_ds.transform = create_transform(**common, is_training=False, crop_pct=crop_pct,
                                          crop_mode=cfg.get("crop_mode"))
+    _posterize_zero_bits_safe(train_ds.transform)
     return dict(cfg, mean=mean, std=std, crop_pct=crop_pct)
+
+
+def _posterize_zero_bits_safe(transform) -> None:
+    """RandAugment's PosterizeIncreasing keeps 4 - int(level / 10 · 4) bits, 0 when the magnitude noise
+    (mstd) reaches level 10; Pillow ≥ 12 rejects bits=0 (ValueError, killing the run at a random
+    step) where older Pillow returned a black image. Give timm's posterize ops that old behaviour."""
+    from timm.data import auto_augment
+
+    for t in getattr(transform, "transforms", ()):
+        policy = getattr(t, "ops", None) or [op for sub in getattr(t, "policy", ()) for op in sub]
+        for op in policy:
+            if getattr(op, "aug_fn", None) is auto_augment.posterize:
+                op.aug_fn = _posterize
+
+
+def _posterize(img, bits_to_keep, **kwargs):
+    from timm.data import auto_augment
+    from PIL import Image
+
+    if bits_to_keep < 1:  # keep no bit: every channel 0
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
 
 
 def worker_message(exc: BaseException) -> str:
