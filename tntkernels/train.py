@@ -26,8 +26,9 @@ agree in distribution, not bit for bit, unless those are off.
 Resuming is exact: the order of epoch e is a permutation drawn from torch.Generator seeded
 seed·1000 + e, and every step reseeds the global RNGs and the augmentation generator from
 (seed, epoch, step) (a streamed image's transform from (seed, epoch, step, position in the batch),
-in whichever worker decodes it), so a run interrupted anywhere (even mid-epoch) and resumed with `--resume`
-ends with the same weights and metrics, bit for bit on CPU, as a run that never stopped.
+in whichever worker decodes it), so a run interrupted anywhere (even mid-epoch) and resumed with
+`--resume` ends with the same weights and metrics, bit for bit on CPU, as a run that never stopped
+(and, for streamed folders, whatever --workers each part used).
 
 --save-every K also checkpoints every K steps within an epoch (a kill -9 then loses at most K steps);
 --log-every K appends {global_step, epoch, step, loss, lr, rss_mb} to DIR/steps.jsonl every K steps
