@@ -11,12 +11,14 @@ Datasets (see `DATASETS`):
                  with a fixed stratified 80/20 split (random_state 0).
 
 Every image is resized to img_size × img_size (bilinear) and normalized per channel with the mean
-and std of the training split. Bad input raises `DataError` (a ValueError) with a one-line message
+and std of the training split. The training job streams image folders instead (file lists, decoded
+per batch: tntkernels/streaming.py), with the same layout rules and errors (`_imagefolder_files`). Bad input raises `DataError` (a ValueError) with a one-line message
 saying what was expected.
 """
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from torch.utils.data import TensorDataset
 
 DATASETS = ("digits", "mnist", "cifar10", "imagefolder")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+GRAY_MODES = ("1", "L", "LA")
 
 MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -198,6 +201,21 @@ def _read_cifar_batch(path: Path):
 
 
 def _load_imagefolder(data_dir: Path, img_size: int):
+    train_files, test_files, classes = _imagefolder_files(data_dir)
+    gray = all(_image_mode(path) in GRAY_MODES for path, _ in train_files + test_files)
+    mode = "L" if gray else "RGB"
+
+    def stack(files):
+        arrays = [_read_image(path, mode, img_size) for path, _ in files]
+        x = torch.from_numpy(np.stack(arrays).astype(np.float32) / 255.0)  # (N, S, S) or (N, S, S, 3)
+        x = x[:, None] if gray else x.permute(0, 3, 1, 2)  # (N, C, S, S)
+        return x.contiguous(), torch.tensor([label for _, label in files], dtype=torch.int64)
+
+    return (*stack(train_files), *stack(test_files), classes)
+
+
+def _imagefolder_files(data_dir: Path):
+    """The layout rules of imagefolder: (train_files, test_files, classes), files as (path, label)."""
     train_dir = data_dir / "train"
     if train_dir.is_dir():
         test_dir = next((data_dir / d for d in ("test", "val") if (data_dir / d).is_dir()), None)
@@ -224,17 +242,7 @@ def _load_imagefolder(data_dir: Path, img_size: int):
                             f"(smallest class: {counts.min()}); expected at least 2 per class and 5 × classes in all, "
                             "or train/ and test/ folders")
         train_files, test_files = train_test_split(files, test_size=0.2, random_state=0, stratify=labels)
-
-    gray = all(_image_mode(path) in ("1", "L", "LA") for path, _ in train_files + test_files)
-    mode = "L" if gray else "RGB"
-
-    def stack(files):
-        arrays = [_read_image(path, mode, img_size) for path, _ in files]
-        x = torch.from_numpy(np.stack(arrays).astype(np.float32) / 255.0)  # (N, S, S) or (N, S, S, 3)
-        x = x[:, None] if gray else x.permute(0, 3, 1, 2)  # (N, C, S, S)
-        return x.contiguous(), torch.tensor([label for _, label in files], dtype=torch.int64)
-
-    return (*stack(train_files), *stack(test_files), classes)
+    return train_files, test_files, classes
 
 
 _LOADERS = {"digits": _load_digits, "mnist": _load_mnist, "cifar10": _load_cifar10, "imagefolder": _load_imagefolder}
@@ -277,11 +285,15 @@ def _class_dirs(root: Path) -> list[str]:
     return classes
 
 
-def _list_images(root: Path, classes: list[str], index: dict[str, int] | None = None) -> list[tuple[Path, int]]:
+def _list_images(root: Path, classes: list[str], index: dict[str, int] | None = None) -> list[tuple[str, int]]:
+    """(path, label) per image, sorted by name within a class. Paths are str, not Path: for
+    ImageNet's 1.28M files a Path each would take ~1 GB while the list is built."""
     index = index or {c: i for i, c in enumerate(classes)}
     files = []
     for c in classes:
-        found = sorted(p for p in (root / c).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        with os.scandir(root / c) as entries:
+            found = sorted(e.path for e in entries
+                           if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS)
         if not found:
             raise DataError(f"imagefolder: class folder {root / c} holds no images; expected *.png, *.jpg, *.jpeg "
                             "or *.bmp files")

@@ -7,9 +7,11 @@
     torchrun --nproc_per_node 8 -m tntkernels.train --model tnt_b_patch16_224 --fsdp ...     # FSDP2
 
 AdamW, per-step cosine schedule after a linear warmup, label smoothing, drop-path; random
-translation and horizontal flips for CIFAR-10 (opt-in elsewhere). Each epoch appends one JSON line
-to DIR/metrics.jsonl and rewrites DIR/checkpoint.pt atomically; Ctrl-C finishes the current step,
-saves, and exits 130.
+translation and horizontal flips for CIFAR-10 (opt-in elsewhere). Image folders are streamed from
+disk through timm's transforms (tntkernels/streaming.py) with the TNT paper's DeiT augmentation
+(RandAugment, mixup, cutmix, random erasing, random-resized crops) by default for 224² models.
+Each epoch appends one JSON line to DIR/metrics.jsonl and rewrites DIR/checkpoint.pt atomically;
+Ctrl-C finishes the current step, saves, and exits 130.
 
 Distributed: under torchrun each process trains on its share of every global batch (--batch-size is
 the global batch; each of the N processes gets batch_size / N examples, drawn by a DistributedSampler
@@ -23,8 +25,10 @@ agree in distribution, not bit for bit, unless those are off.
 
 Resuming is exact: the order of epoch e is a permutation drawn from torch.Generator seeded
 seed·1000 + e, and every step reseeds the global RNGs and the augmentation generator from
-(seed, epoch, step), so a run interrupted anywhere (even mid-epoch) and resumed with `--resume`
-ends with the same weights and metrics, bit for bit on CPU, as a run that never stopped.
+(seed, epoch, step) (a streamed image's transform from (seed, epoch, step, position in the batch),
+in whichever worker decodes it), so a run interrupted anywhere (even mid-epoch) and resumed with
+`--resume` ends with the same weights and metrics, bit for bit on CPU, as a run that never stopped
+(and, for streamed folders, whatever --workers each part used).
 
 Options a timm user expects: --amp bf16|fp16 (torch.autocast on the run's device; fp16 adds a
 GradScaler, checkpointed), --compile (torch.compile of the training net; evaluation and checkpoints
@@ -94,7 +98,20 @@ RECIPE_DEFAULTS = {
     "clip_grad": 0.0,  # 0 = no clipping
     "model_ema": False,
     "model_ema_decay": 0.9998,  # timm's train.py default
+    # Augmentation. `None` = per recipe: the TNT paper's DeiT recipe for models whose input is
+    # ≥ 224² (RandAugment m9, mixup 0.8, cutmix 1.0, random erasing 0.25, random-resized crops and
+    # flips), off for the small 32² models (the digits recipe above). aa, reprob and rrc are PIL /
+    # tensor transforms of streamed image folders (--dataset imagefolder); mixup and cutmix mix
+    # batches of any dataset.
+    "aa": None,
+    "mixup": None,
+    "cutmix": None,
+    "reprob": None,
+    "rrc": None,
 }
+DEIT_RECIPE = {"aa": "rand-m9-mstd0.5-inc1", "mixup": 0.8, "cutmix": 1.0, "reprob": 0.25, "rrc": True, "hflip": True}
+SMALL_RECIPE = {"aa": "none", "mixup": 0.0, "cutmix": 0.0, "reprob": 0.0, "rrc": False}
+STREAM_ONLY = ("aa", "reprob", "rrc")  # transforms of decoded images: streamed folders only
 # Recipe values that fix the data order and shapes: a resumed run must not change them.
 FIXED_ON_RESUME = ("img_size", "batch_size", "seed", "limit_train", "limit_test")
 
@@ -135,6 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random translation by ±PX pixels (default: img_size/8 for cifar10, else 0)")
     p.add_argument("--hflip", action=argparse.BooleanOptionalAction, help="random horizontal flips (default: cifar10)")
     p.add_argument("--img-size", type=int, help="default: the model's input size")
+    p.add_argument("--aa", metavar="POLICY", help="imagefolder: timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 "
+                   "(RandAugment), or none (default: rand-m9-mstd0.5-inc1 for 224² models, else none)")
+    p.add_argument("--mixup", type=float, metavar="ALPHA", help="mixup alpha, 0 = off (default 0.8 for 224² models, "
+                   "else 0); with mixup or cutmix the loss is soft-target cross-entropy")
+    p.add_argument("--cutmix", type=float, metavar="ALPHA", help="cutmix alpha, 0 = off (default 1.0 for 224² models, "
+                   "else 0)")
+    p.add_argument("--reprob", type=float, metavar="P", help="imagefolder: random erasing probability (default 0.25 "
+                   "for 224² models, else 0)")
+    p.add_argument("--rrc", action=argparse.BooleanOptionalAction,
+                   help="imagefolder: timm's random-resized crops (default: 224² models); without, the whole image "
+                        "is resized")
     p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--eval-batch-size", type=int, help=f"default {RECIPE_DEFAULTS['eval_batch_size']}")
     p.add_argument("--pretrained", nargs="?", const="", metavar="FILE",
@@ -290,15 +318,25 @@ def _run(args: argparse.Namespace, group: ProcessGroup) -> int:
     group.start(device)
 
     # data and model
+    model_img_size = _default_img_size(models, args.model)
     if recipe["img_size"] is None:
-        recipe["img_size"] = _default_img_size(models, args.model)
-    train_ds, test_ds, info = load_dataset(args.dataset, recipe["data_dir"], recipe["img_size"])
+        recipe["img_size"] = model_img_size
+    deit = model_img_size >= 224  # the TNT paper's ImageNet recipe; the small models keep the digits one
+    _resolve_augmentation(recipe, args, deit)
+    streaming = args.dataset == "imagefolder"
+    if streaming:  # file lists: images are decoded per batch (see tntkernels/streaming.py)
+        from .streaming import open_imagefolder
+
+        train_ds, test_ds, info = open_imagefolder(recipe["data_dir"])
+        info["img_size"] = recipe["img_size"]
+    else:
+        train_ds, test_ds, info = load_dataset(args.dataset, recipe["data_dir"], recipe["img_size"])
     train_ds = _limit(train_ds, recipe["limit_train"])
     test_ds = _limit(test_ds, recipe["limit_test"])
     if recipe["translate"] is None:
         recipe["translate"] = recipe["img_size"] // 8 if args.dataset == "cifar10" else 0
     if recipe["hflip"] is None:
-        recipe["hflip"] = args.dataset == "cifar10"
+        recipe["hflip"] = args.dataset == "cifar10" or (streaming and deit)
 
     _seed_everything(recipe["seed"])
     try:
@@ -310,6 +348,13 @@ def _run(args: argparse.Namespace, group: ProcessGroup) -> int:
     except (ValueError, ImportError, models.PretrainedError) as exc:
         raise UsageError(f"cannot build {args.model} for {args.dataset} ({info['in_chans']}×{recipe['img_size']}²,"
                          f" {info['num_classes']} classes): {_one_line(exc)}") from None
+    if streaming:  # timm's transforms for this model's pretrained_cfg (input size, mean, std, interpolation, crop)
+        from .streaming import set_transforms
+
+        cfg = set_transforms(train_ds, test_ds, model.pretrained_cfg, recipe["img_size"], info["in_chans"],
+                             aa=None if recipe["aa"] == "none" else recipe["aa"], reprob=recipe["reprob"],
+                             rrc=recipe["rrc"], hflip=recipe["hflip"])
+        info["mean"], info["std"] = cfg["mean"], cfg["std"]
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = len(train_ds)
@@ -421,6 +466,21 @@ class _Run:
         self.ema, self.scaler = ema, scaler
         # summed over the local batch; a step scales it by world / global batch (see _train_step)
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=recipe["label_smoothing"], reduction="sum")
+        self.mixup = None
+        if recipe["mixup"] > 0 or recipe["cutmix"] > 0:
+            try:
+                from timm.data import Mixup
+                from timm.loss import SoftTargetCrossEntropy
+            except ImportError:
+                raise UsageError("--mixup / --cutmix use timm's Mixup; expected timm to be installed (pip install "
+                                 "timm), or --mixup 0 --cutmix 0") from None
+            # timm's Mixup makes the (label-smoothed) soft targets; its loss is a mean, ours a sum
+            self.mixup = Mixup(mixup_alpha=recipe["mixup"], cutmix_alpha=recipe["cutmix"],
+                               label_smoothing=recipe["label_smoothing"], num_classes=info["num_classes"])
+            soft = SoftTargetCrossEntropy()
+            self.criterion = lambda logits, target: soft(logits, target) * logits.shape[0]
+        self.streaming = args.dataset == "imagefolder"
+        self._train_loader = self._test_loader = None
         self.step_log = None
 
     def train(self) -> int:
@@ -543,24 +603,76 @@ class _Run:
         per_rank = bs // world
         steps = range(start_step, self.steps_per_epoch)
         index_batches = [local[i * per_rank:(i + 1) * per_rank] for i in steps]
-        loader = DataLoader(_BatchView(self.train_ds), sampler=index_batches, batch_size=None,
-                            num_workers=self.args.workers, pin_memory=self.device.type == "cuda",
-                            worker_init_fn=_ignore_sigint if self.args.workers else None)
-        for i, (x, y) in zip(steps, loader):
+        if self.streaming:
+            # items (index, step seed, position): each image's augmentation is seeded by where it sits
+            seed = self.recipe["seed"]
+
+            def items(i, b):
+                step_seed = _step_seed(seed, epoch, i, rank)
+                return [(j, step_seed, k) for k, j in enumerate(b.tolist())]
+
+            batches = self._stream(self.train_ds, "_train_loader", list(zip(steps, index_batches)), items)
+        else:
+            batches = DataLoader(_BatchView(self.train_ds), sampler=index_batches, batch_size=None,
+                                 num_workers=self.args.workers, pin_memory=self.device.type == "cuda",
+                                 worker_init_fn=_ignore_sigint if self.args.workers else None)
+        for i, (x, y) in zip(steps, batches):
             n_global = min(bs, n - i * bs)
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), n_global
 
+    def _stream(self, ds, attr: str, batches: list[tuple[int, torch.Tensor]], items=None):
+        """Decode `batches` ((step, index tensor) pairs) of a streamed folder with the DataLoader kept in
+        self.<attr> (one per split, so --workers processes persist across epochs; only its list of
+        batches changes, and the main process draws from it). `items(step, indices)` makes a batch's
+        dataset items when the loader asks for it (default: the indices). Empty batches (a rank's
+        share of the last batch) yield empty tensors without a worker."""
+        loader = getattr(self, attr)
+        if loader is None:
+            workers = self.args.workers
+            loader = DataLoader(ds, batch_sampler=_BatchList(), num_workers=workers,
+                                pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+                                worker_init_fn=_ignore_sigint if workers else None)
+            setattr(self, attr, loader)
+        loader.batch_sampler.set([(i, b) for i, b in batches if len(b)], items or (lambda i, b: b.tolist()))
+        chans, size = self.info["in_chans"], self.recipe["img_size"]
+        try:
+            decoded = iter(loader)
+            for _, b in batches:
+                yield next(decoded) if len(b) else (torch.empty(0, chans, size, size), torch.empty(0, dtype=torch.long))
+        except DataError as exc:  # from a worker: its message, without the worker's traceback
+            from .streaming import worker_message
+
+            raise DataError(worker_message(exc)) from None
+
     def _augment(self, x, y, epoch: int, step: int):
-        """Reseed the global RNGs (dropout, drop-path) for this step and rank, then translate / flip."""
+        """Reseed the global RNGs (dropout, drop-path) for this step and rank, then translate / flip
+        (streamed folders flip in their timm transform), then mixup / cutmix."""
         seed = _step_seed(self.recipe["seed"], epoch, step, self.group.rank)
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
         if self.recipe["translate"] > 0:
             x = _random_translate(x, self.recipe["translate"], gen)
-        if self.recipe["hflip"]:
+        if self.recipe["hflip"] and not self.streaming:
             flip = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if self.mixup is not None:
+            np.random.seed(seed)  # timm's Mixup draws lambda and the boxes from numpy's global RNG
+            x, y = self._mix(x, y)
         return x, y
+
+    def _mix(self, x, y):
+        """timm's Mixup in batch mode pairs example i with B-1-i and needs an even batch: an odd last
+        example (the epoch's last batch) keeps its image, with the same smoothed one-hot target."""
+        even = x.shape[0] - x.shape[0] % 2
+        if even == x.shape[0]:
+            return self.mixup(x, y) if even else (x, self._soft(y))
+        x_mix, y_mix = self.mixup(x[:even].clone(), y[:even]) if even else (x[:0], self._soft(y[:0]))
+        return torch.cat([x_mix, x[even:]]), torch.cat([y_mix, self._soft(y[even:])])
+
+    def _soft(self, y):
+        from timm.data.mixup import mixup_target
+
+        return mixup_target(y, self.info["num_classes"], lam=1.0, smoothing=self.recipe["label_smoothing"])
 
     @torch.no_grad()
     def _evaluate(self, interrupt, module) -> tuple[float, float]:
@@ -570,14 +682,21 @@ class _Run:
         was_training = module.training
         module.eval()
         world, rank = self.group.world, self.group.rank
-        x_all, y_all = (t[rank::world] for t in self.test_ds.tensors)
-        n_test = len(self.test_ds.tensors[1])
+        n_test = len(self.test_ds)
         bs = self.recipe["eval_batch_size"]
+        n_batches = math.ceil(math.ceil(n_test / world) / bs)
+        if self.streaming:
+            mine = torch.arange(rank, n_test, world)
+            batches = self._stream(self.test_ds, "_test_loader",
+                                   [(i, mine[i * bs:(i + 1) * bs]) for i in range(n_batches)])
+        else:
+            x_all, y_all = (t[rank::world] for t in self.test_ds.tensors)
+            batches = ((x_all[i * bs:(i + 1) * bs], y_all[i * bs:(i + 1) * bs]) for i in range(n_batches))
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
-        for i in range(math.ceil(math.ceil(n_test / world) / bs)):
-            x = x_all[i * bs:(i + 1) * bs].to(self.device, non_blocking=True)
-            y = y_all[i * bs:(i + 1) * bs].to(self.device, non_blocking=True)
+        for x, y in batches:
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
             with _autocast(self.device, self.recipe["amp"]):
                 logits = module(x).float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
@@ -726,6 +845,8 @@ def _resolve_recipe(args, ckpt: dict | None) -> dict:
             raise UsageError(f"--{key.replace('_', '-')} {given} differs from the checkpoint's {saved[key]}; "
                              "expected the same value to resume (or drop the option)")
         recipe[key] = given if given is not None else saved.get(key, default)
+        if given is None and ckpt is not None and key not in saved and key in SMALL_RECIPE:
+            recipe[key] = SMALL_RECIPE[key]  # a checkpoint from before augmentation options: it trained without
 
     def check(ok, what):
         if not ok:
@@ -747,7 +868,32 @@ def _resolve_recipe(args, ckpt: dict | None) -> dict:
     check(recipe["clip_grad"] >= 0 and math.isfinite(recipe["clip_grad"]),
           f"--clip-grad must be a finite norm ≥ 0 (0 = off), got {recipe['clip_grad']}")
     check(0 <= recipe["model_ema_decay"] < 1, f"--model-ema-decay must be in [0, 1), got {recipe['model_ema_decay']}")
+    for key in ("mixup", "cutmix"):
+        check(recipe[key] is None or (recipe[key] >= 0 and math.isfinite(recipe[key])),
+              f"--{key} must be ≥ 0, got {recipe[key]}")
+    check(recipe["reprob"] is None or 0 <= recipe["reprob"] <= 1, f"--reprob must be in [0, 1], got {recipe['reprob']}")
+    if recipe["aa"] is not None and recipe["aa"] != "none":
+        from .streaming import check_aa  # imports timm
+
+        check(check_aa(recipe["aa"]), f"--aa {recipe['aa']!r} is not a timm auto-augment policy; expected e.g. "
+              "rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, v0, original, or none")
     return recipe
+
+
+def _resolve_augmentation(recipe: dict, args, deit: bool) -> None:
+    """Fill the augmentation keys left at None with the recipe of the model's size (see RECIPE_DEFAULTS);
+    options of streamed folders only are off for in-memory datasets and rejected when given."""
+    streaming = args.dataset == "imagefolder"
+    defaults = DEIT_RECIPE if deit else SMALL_RECIPE
+    for key in ("aa", "mixup", "cutmix", "reprob", "rrc"):
+        if key in STREAM_ONLY and not streaming:
+            given = getattr(args, key)
+            if given is not None and given not in ("none", 0, 0.0, False):
+                raise UsageError(f"--{key} transforms decoded images, which only --dataset imagefolder streams; "
+                                 f"expected --dataset imagefolder (or drop --{key})")
+            recipe[key] = SMALL_RECIPE[key]
+        elif recipe[key] is None:
+            recipe[key] = defaults[key]
 
 
 def _fresh_progress() -> dict:
@@ -974,6 +1120,24 @@ def _random_translate(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> 
     return out.permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
 
 
+class _BatchList:
+    """A DataLoader batch_sampler whose batches the run replaces each epoch (the DataLoader, and with
+    it its persistent workers, stays). A batch's items are made when the loader draws it, so an
+    ImageNet epoch's million (index, seed, position) tuples never exist at once."""
+
+    def __init__(self):
+        self.batches, self.items = [], None
+
+    def set(self, batches: list[tuple[int, torch.Tensor]], items) -> None:
+        self.batches, self.items = batches, items
+
+    def __iter__(self):
+        return (self.items(i, b) for i, b in self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
 class _BatchView(torch.utils.data.Dataset):
     """dataset[index tensor] -> the whole batch, so a DataLoader with batch_size=None slices tensors."""
 
@@ -1071,6 +1235,8 @@ def _limit(ds, n: int | None):
     if n is None or n >= len(ds):
         return ds
     keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n]
+    if hasattr(ds, "subset"):  # a streamed folder: the file list
+        return ds.subset(keep.numpy())
     return torch.utils.data.TensorDataset(*(t[keep] for t in ds.tensors))
 
 
