@@ -101,18 +101,24 @@ def run_timm_tests(test_dir: Path, keyword: str, *, swap: str = "", imports: str
     report = test_dir / f"report-{abs(hash((keyword, swap, imports)))}.json"
     env = dict(os.environ, TNTKERNELS_TIMM_SWAP=swap, TNTKERNELS_TIMM_IMPORT=imports,
                TNTKERNELS_TIMM_REPORT=str(report),
-               PYTHONPATH=os.pathsep.join([str(TESTS_DIR), str(REPO), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join(p for p in (str(TESTS_DIR), str(REPO), os.environ.get("PYTHONPATH")) if p))
     env.pop("GITHUB_ACTIONS", None)  # timm's file changes its selection under it
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "timm_swap_plugin", "-p", "no:cacheprovider",
            "-c", str(test_dir / "pytest.ini"), "--rootdir", str(test_dir), "-W", "ignore",
            "-k", f"({keyword}) and {EXCLUDE}", "test_models.py"]
-    proc = subprocess.run(cmd, cwd=test_dir, env=env, capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run(cmd, cwd=test_dir, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout or b""
+        out = out.decode(errors="replace") if isinstance(out, bytes) else out
+        pytest.fail(f"timm's tests ran past {timeout} s (-k {keyword!r}):\n{out[-4000:]}")
     output = proc.stdout + proc.stderr
     if not report.is_file():
         pytest.fail(f"timm's tests did not run (rc={proc.returncode}):\n{output[-4000:]}")
     result = json.loads(report.read_text())
     result["output"] = output
     result["returncode"] = proc.returncode
+    print(_summary(result))  # per-test outcome and duration (pytest -rP or -s shows it)
     return result
 
 

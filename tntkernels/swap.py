@@ -167,6 +167,11 @@ def swap_in(model: nn.Module, *, backend: str | None = None) -> tuple[nn.Module,
     working, and device, dtype, requires_grad and train/eval mode stay as they were. Drop-path rates and
     dropout probabilities carry over; our DropPath draws the same Bernoulli mask as timm's, so under the
     same seed train-mode outputs match too. Hooks registered on the replaced modules are not carried.
+    A model on the meta device (built for FSDP) is swapped the same way: its meta tensors are moved and
+    stay meta; the swapped model runs shape inference on meta inputs and is materialised as usual
+    (`model.to_empty(device=...)`, then each module's `reset_parameters` / the model's init). Our modules
+    work under torch.fx: timm's FX feature extraction calls them whole (they are registered as timm
+    notrace modules here), and plain `torch.fx.symbolic_trace` traces into them.
 
     Args:
         model: an nn.Module holding timm TNT blocks or attentions (`timm.create_model("tnt_s_patch16_224")`,
