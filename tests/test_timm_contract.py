@@ -152,7 +152,9 @@ def test_timm_model_tests_pass_on_swapped_tnt(timm_test_dir):
     keyword = f"tnt_ and not tntkernels_ and (not {PRUNE} or tnt_s_patch16_224)"
     result = run_timm_tests(timm_test_dir, keyword, swap="tnt_*")
     selected = {n.split("::")[-1].split("[")[0] for n in result["tests"]}
-    assert selected == set(EXPECTED_TNT_TESTS), f"timm's TNT selection changed: {sorted(selected)}"
+    # a newer timm may add tests (they must pass too); one of these missing means the selection broke
+    missing = set(EXPECTED_TNT_TESTS) - selected
+    assert not missing, f"timm's tests {sorted(missing)} not selected; selected: {sorted(selected)}"
     _check_all_passed(result, min_tests=3 * len(EXPECTED_TNT_TESTS) - 2, swapped=True)
 
 
