@@ -29,4 +29,3 @@ def check_is_tensor(owner: str, **values) -> None:
     for name, value in values.items():
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(value).__name__}")
-
