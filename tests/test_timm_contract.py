@@ -9,9 +9,7 @@ tests/timm_swap_plugin.py, which routes every TNT model timm's tests build throu
 Selection: `-k` on the model names, minus TorchScript (deprecated in PyTorch; unsupported by
 tntkernels, README) and the pretrained-weight downloads. For timm's TNT that is forward, backward,
 the non-standard default cfgs (built on the meta device), forward_intermediates, features_only
-(getter), prune_intermediate_layers and FX forward / backward: 24 tests over the three models; the
-prune contract (slow: it prunes at every depth) runs on tnt_s_patch16_224 only unless
-TNTKERNELS_TIMM_FULL=1, so 22 by default.
+(getter), prune_intermediate_layers and FX forward / backward: 24 tests over the three models.
 
 Also here: unit tests of what those need (swap_in on the meta device, forward on meta, torch.fx).
 """
@@ -40,7 +38,6 @@ EXCLUDE = "not torchscript and not pretrained"
 EXPECTED_TNT_TESTS = ("test_model_forward", "test_model_backward", "test_model_default_cfgs_non_std",
                       "test_model_forward_intermediates_features", "test_model_forward_intermediates",
                       "test_prune_intermediate_layers_contract", "test_model_forward_fx", "test_model_backward_fx")
-PRUNE = "test_prune_intermediate_layers_contract"
 OUR_TIMM_NAMES = ("tntkernels_tnt_s_patch16_224", "tntkernels_tnt_b_patch16_224")
 NETWORK_ERRORS = ("NewConnectionError", "Failed to establish a new connection", "Temporary failure in name resolution",
                   "Name or service not known", "Network is unreachable", "ConnectTimeoutError", "ProxyError",
@@ -146,25 +143,14 @@ def _check_all_passed(result: dict, min_tests: int, swapped: bool) -> None:
 def test_timm_model_tests_pass_on_swapped_tnt(timm_test_dir):
     """timm's own tests for tnt_s / tnt_s_legacy / tnt_b, each model swapped in as timm builds it.
 
-    timm's prune_intermediate_layers contract (no marker in timm: its CI skips it as slow) runs on
-    tnt_s_patch16_224 only: it prunes at all 12 depths at 224² (~1 min on 2 idle cores per model);
-    TNTKERNELS_TIMM_FULL=1 runs it on all three (test_timm_prune_contract_on_all_swapped_tnt)."""
-    keyword = f"tnt_ and not tntkernels_ and (not {PRUNE} or tnt_s_patch16_224)"
-    result = run_timm_tests(timm_test_dir, keyword, swap="tnt_*")
+    All 24 (prune contract included: timm's own CI skips it as slow) take ~100 s on 2 idle cores, the
+    prune contract ~50 s of it (it prunes at all 12 depths at 224²); a loaded machine is much slower."""
+    result = run_timm_tests(timm_test_dir, "tnt_ and not tntkernels_", swap="tnt_*")
     selected = {n.split("::")[-1].split("[")[0] for n in result["tests"]}
     # a newer timm may add tests (they must pass too); one of these missing means the selection broke
     missing = set(EXPECTED_TNT_TESTS) - selected
     assert not missing, f"timm's tests {sorted(missing)} not selected; selected: {sorted(selected)}"
-    _check_all_passed(result, min_tests=3 * len(EXPECTED_TNT_TESTS) - 2, swapped=True)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("TNTKERNELS_TIMM_FULL") != "1",
-                    reason="timm's prune contract on tnt_s_legacy and tnt_b: ~5 min on 2 cores; TNTKERNELS_TIMM_FULL=1")
-def test_timm_prune_contract_on_all_swapped_tnt(timm_test_dir):
-    result = run_timm_tests(timm_test_dir, f"{PRUNE} and tnt_ and not tntkernels_ and not tnt_s_patch16_224",
-                            swap="tnt_*")
-    _check_all_passed(result, min_tests=2, swapped=True)
+    _check_all_passed(result, min_tests=3 * len(EXPECTED_TNT_TESTS), swapped=True)
 
 
 @pytest.mark.slow
@@ -175,9 +161,7 @@ def test_timm_model_tests_pass_on_registered_models(timm_test_dir):
     missing = [n for n in OUR_TIMM_NAMES if n not in timm.list_models("tntkernels_*")]
     if missing:
         pytest.skip(f"{missing} not registered in timm's registry by `import tntkernels.models` (yet)")
-    keyword = "tntkernels_" if os.environ.get("TNTKERNELS_TIMM_FULL") == "1" else \
-        f"tntkernels_ and (not {PRUNE} or tntkernels_tnt_s_patch16_224)"
-    result = run_timm_tests(timm_test_dir, keyword, imports="tntkernels.models")
+    result = run_timm_tests(timm_test_dir, "tntkernels_", imports="tntkernels.models")
     _check_all_passed(result, min_tests=len(OUR_TIMM_NAMES) * 4, swapped=False)
 
 
