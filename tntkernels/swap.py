@@ -17,7 +17,7 @@ from itertools import chain
 
 import torch.nn as nn
 
-from .nn import Attention, DropPath, Mlp, TNTBlock
+from .nn import Attention, DropPath, Mlp, TNTBlock, register_timm_notrace
 from .nn.attention import MAX_KERNEL_TOKENS
 
 _BLOCK_ATTRS = ("norm_in", "attn_in", "norm_mlp_in", "mlp_in", "norm1_proj", "proj", "norm2_proj",
@@ -88,14 +88,21 @@ def _dropout_p(m: nn.Module | None) -> float:
     return float(getattr(m, "p", 0.0)) if m is not None else 0.0
 
 
-def _check_moved(new: nn.Module, what: str) -> None:
-    """Every tensor of `new` must come from the old module (none left on the meta device)."""
-    left = [n for n, t in chain(new.named_parameters(), new.named_buffers()) if t.is_meta]
+def _tensor_ids(m: nn.Module) -> set[int]:
+    return {id(t) for t in chain(m.parameters(), m.buffers())}
+
+
+def _check_moved(new: nn.Module, old_ids: set[int], what: str) -> None:
+    """Every tensor of `new` must be one of the old module's (`old_ids`): the new module is built on the
+    meta device and its own tensors are all replaced. Checked by identity, so that a timm model that is
+    itself on the meta device (built for FSDP, materialised later with `to_empty`) is swapped too."""
+    left = [n for n, t in chain(new.named_parameters(), new.named_buffers()) if id(t) not in old_ids]
     if left:
         raise RuntimeError(f"swap_in: {what} has tensors with no counterpart in the timm module: {left}")
 
 
 def _swap_attention(old: nn.Module, backend: str | None) -> Attention:
+    old_ids = _tensor_ids(old)
     dim, hidden_dim = old.v.in_features, old.qk.out_features // 2
     new = Attention(dim, hidden_dim, num_heads=old.num_heads, qkv_bias=old.qk.bias is not None,
                     attn_drop=_dropout_p(getattr(old, "attn_drop", None)),
@@ -104,7 +111,7 @@ def _swap_attention(old: nn.Module, backend: str | None) -> Attention:
     new.head_dim, new.scale = old.head_dim, getattr(old, "scale", old.head_dim ** -0.5)
     # fresh, not-inplace dropouts: timm's inplace attn_drop would overwrite softmax's saved output
     new.attn_drop.training = new.proj_drop.training = new.training = old.training
-    _check_moved(new, "Attention")
+    _check_moved(new, old_ids, "Attention")
     return new
 
 
@@ -132,6 +139,7 @@ def _swap_drop_path(old: nn.Module) -> nn.Module:
 
 
 def _swap_block(old: nn.Module, backend: str | None) -> TNTBlock:
+    old_ids = _tensor_ids(old)
     dim, dim_out = old.attn_in.v.in_features, old.attn_out.v.in_features
     legacy = old.norm2_proj is None
     new = TNTBlock(dim, dim_out, num_pixel=old.proj.in_features // dim,
@@ -146,7 +154,7 @@ def _swap_block(old: nn.Module, backend: str | None) -> TNTBlock:
     new.mlp_in, new.mlp = _swap_mlp(old.mlp_in), _swap_mlp(old.mlp)
     new.drop_path = _swap_drop_path(old.drop_path)
     new.training = old.training
-    _check_moved(new, "TNTBlock")
+    _check_moved(new, old_ids, "TNTBlock")
     return new
 
 
@@ -159,6 +167,11 @@ def swap_in(model: nn.Module, *, backend: str | None = None) -> tuple[nn.Module,
     working, and device, dtype, requires_grad and train/eval mode stay as they were. Drop-path rates and
     dropout probabilities carry over; our DropPath draws the same Bernoulli mask as timm's, so under the
     same seed train-mode outputs match too. Hooks registered on the replaced modules are not carried.
+    A model on the meta device (built for FSDP) is swapped the same way: its meta tensors are moved and
+    stay meta; the swapped model runs shape inference on meta inputs and is materialised as usual
+    (`model.to_empty(device=...)`, then each module's `reset_parameters` / the model's init). Our modules
+    work under torch.fx: timm's FX feature extraction calls them whole (they are registered as timm
+    notrace modules here), and plain `torch.fx.symbolic_trace` traces into them.
 
     Args:
         model: an nn.Module holding timm TNT blocks or attentions (`timm.create_model("tnt_s_patch16_224")`,
@@ -207,6 +220,7 @@ def swap_in(model: nn.Module, *, backend: str | None = None) -> tuple[nn.Module,
             else:
                 setattr(parent, name, new)
 
+    register_timm_notrace()  # timm's FX feature extraction then calls our modules whole (nn/_fx.py)
     root = swap(model, "")
     if root is None:
         walk(model, "")

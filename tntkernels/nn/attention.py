@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -23,14 +24,45 @@ def attention_route(backend: str | None, q: torch.Tensor, v: torch.Tensor) -> st
     or the named kernel backend does not cover the shape or dtype, e.g. "triton" with head_dim > 64
     or float64), else `backend` itself for `tntkernels.inner_attention` (None: the registry's choice).
     A named backend that cannot run on q's device at all is not rerouted: inner_attention raises.
+    Meta tensors (shape inference) go to "sdpa" whatever the backend.
     """
     if backend == "reference":
         return "reference"
+    if q.is_meta:
+        return "sdpa"  # shape inference only (a model built on the meta device): no kernel to choose
     if q.shape[-2] > MAX_KERNEL_TOKENS:
         return "sdpa"
     if backend is not None and registry.OPS["inner_attention"].unsupported.get(backend, lambda *a: None)(q, v):
         return "sdpa"
     return backend
+
+
+@torch.fx.wrap
+def check_attention_input(owner: str, dim: int, x: torch.Tensor, what: str = "x") -> torch.Tensor:
+    """x must be a (B, N, dim) tensor, else TypeError / ValueError; returns x.
+
+    A module-level function recorded as one graph call by torch.fx (`torch.fx.wrap`): under
+    `symbolic_trace` x is a Proxy with no shape, so the check runs when the traced module runs, on
+    its real input (it returns x so that dead-code elimination keeps it in the graph)."""
+    check_is_tensor(owner, **{what: x})
+    if x.dim() != 3 or x.shape[-1] != dim:
+        raise ValueError(f"{owner}: {what} must be (B, N, {dim}), got {tuple(x.shape)}")
+    return x
+
+
+@torch.fx.wrap
+def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                   backend: str | None) -> torch.Tensor:
+    """softmax(q kᵀ · scale) v for q, k (B, H, N, d), v (B, H, N, dv), routed by `attention_route`.
+
+    One graph call under torch.fx (`torch.fx.wrap`): the route depends on N, the dtype and the
+    device, which a Proxy does not have, so it is chosen when the traced module runs."""
+    route = attention_route(backend, q, v)
+    if route == "reference":
+        return inner_attention_ref(q, k, v, scale)
+    if route == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return inner_attention(q, k, v, scale=scale, backend=route)  # (B, H, N, C/H)
 
 
 class Attention(nn.Module):
@@ -85,9 +117,7 @@ class Attention(nn.Module):
 
     def _heads(self, x: torch.Tensor, what: str = "x") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Checks x (B, N, C) and projects it: q, k (B, H, N, head_dim), v (B, H, N, C/H), views."""
-        check_is_tensor(type(self).__name__, **{what: x})
-        if x.dim() != 3 or x.shape[-1] != self.v.in_features:
-            raise ValueError(f"{type(self).__name__}: x must be (B, N, {self.v.in_features}), got {tuple(x.shape)}")
+        x = check_attention_input(type(self).__name__, self.v.in_features, x, what)
         B, N, C = x.shape
         H = self.num_heads
         q, k = self.qk(x).reshape(B, N, 2, H, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, hd)
@@ -105,11 +135,5 @@ class Attention(nn.Module):
             attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)  # (B, H, N, N)
             out = self.attn_drop(attn) @ v
         else:
-            route = attention_route(self.backend, q, v)
-            if route == "reference":
-                out = inner_attention_ref(q, k, v, self.scale)
-            elif route == "sdpa":
-                out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-            else:
-                out = inner_attention(q, k, v, scale=self.scale, backend=route)  # (B, H, N, C/H)
+            out = attention_core(q, k, v, self.scale, self.backend)  # (B, H, N, C/H)
         return self._merge_heads(out)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.fx
 import torch.nn as nn
 
 from ..ops.inner_block import fused_available, inner_block
@@ -38,6 +39,11 @@ def fused_inner_sublayer(x: torch.Tensor, norm1: nn.Module, attn: nn.Module, nor
     off (p = 0 or eval), and DropPath is ours or Identity. Under autocast the parameters and GEMMs
     use the autocast dtype and the residual stream keeps x's dtype, as autocast itself would.
     """
+    # Not a real tensor (an fx Proxy while tracing: the traced graph runs the modules) or a meta tensor
+    # (shape inference for a model built on the meta device, e.g. for FSDP: there is nothing to fuse, and
+    # the autocast query below has no meta device type).
+    if not isinstance(x, torch.Tensor) or x.is_meta:
+        return None
     # exactly our Attention: a subclass (NestedAttention) also returns its logits, which the kernel has not
     if x.dim() != 3 or type(attn) is not Attention or not isinstance(drop_path, (DropPath, nn.Identity)):
         return None
@@ -75,6 +81,27 @@ def fused_inner_sublayer(x: torch.Tensor, norm1: nn.Module, attn: nn.Module, nor
     scales = None if s_attn is None else (s_attn, _drop_path_scale(drop_path, S, x.device))
     return inner_block(x, params, num_heads=attn.num_heads, eps=(norm1.eps, norm2.eps), drop_path_scales=scales,
                            compute_dtype=compute, backend="triton")
+
+
+@torch.fx.wrap
+def check_block_inputs(owner: str, num_pixel: int, dim: int, dim_out: int, pixel_embed: torch.Tensor,
+                       patch_embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """pixel_embed (B·N, m, c) and patch_embed (B, N + 1, d) for m = num_pixel, c = dim, d = dim_out,
+    else TypeError / ValueError; returns both.
+
+    A module-level function recorded as one graph call by torch.fx (`torch.fx.wrap`): under
+    `symbolic_trace` the inputs are Proxies with no shapes, so the check runs when the traced module
+    runs, on its real inputs (returning them keeps the call through dead-code elimination)."""
+    check_is_tensor(owner, pixel_embed=pixel_embed, patch_embed=patch_embed)
+    if patch_embed.dim() != 3 or patch_embed.shape[1] < 1 or patch_embed.shape[2] != dim_out:
+        raise ValueError(f"{owner}: patch_embed must be (B, N + 1, d) with d = {dim_out}, got "
+                         f"{tuple(patch_embed.shape)}")
+    B, N1 = patch_embed.shape[0], patch_embed.shape[1]
+    expected = (B * (N1 - 1), num_pixel, dim)
+    if tuple(pixel_embed.shape) != expected:
+        raise ValueError(f"{owner}: pixel_embed must be (B·N, m, c) = {expected} for patch_embed (B, N + 1, d) = "
+                         f"{tuple(patch_embed.shape)}, got {tuple(pixel_embed.shape)}")
+    return pixel_embed, patch_embed
 
 
 class TNTBlock(nn.Module):
@@ -129,21 +156,13 @@ class TNTBlock(nn.Module):
         self.norm_mlp = norm_layer(dim_out, **dd)
         self.mlp = Mlp(dim_out, int(dim_out * mlp_ratio), dim_out, act_layer=act_layer, drop=proj_drop, **dd)
 
-    def check_inputs(self, pixel_embed: torch.Tensor, patch_embed: torch.Tensor) -> None:
-        """pixel_embed (B·N, m, c) and patch_embed (B, N + 1, d) of this block's m, c and d, else ValueError."""
-        owner = type(self).__name__
-        check_is_tensor(owner, pixel_embed=pixel_embed, patch_embed=patch_embed)
-        if patch_embed.dim() != 3 or patch_embed.shape[1] < 1 or patch_embed.shape[2] != self.dim_out:
-            raise ValueError(f"{owner}: patch_embed must be (B, N + 1, d) with d = {self.dim_out}, got "
-                             f"{tuple(patch_embed.shape)}")
-        B, N1 = patch_embed.shape[0], patch_embed.shape[1]
-        expected = (B * (N1 - 1), self.num_pixel, self.dim)
-        if tuple(pixel_embed.shape) != expected:
-            raise ValueError(f"{owner}: pixel_embed must be (B·N, m, c) = {expected} for patch_embed (B, N + 1, d) = "
-                             f"{tuple(patch_embed.shape)}, got {tuple(pixel_embed.shape)}")
+    def check_inputs(self, pixel_embed: torch.Tensor, patch_embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pixel_embed (B·N, m, c) and patch_embed (B, N + 1, d) of this block's m, c and d, else ValueError;
+        returns both (`check_block_inputs`: under torch.fx the check is a graph call on the real inputs)."""
+        return check_block_inputs(type(self).__name__, self.num_pixel, self.dim, self.dim_out, pixel_embed, patch_embed)
 
     def forward(self, pixel_embed: torch.Tensor, patch_embed: torch.Tensor):
-        self.check_inputs(pixel_embed, patch_embed)
+        pixel_embed, patch_embed = self.check_inputs(pixel_embed, patch_embed)
         pixel_embed = self.forward_inner(pixel_embed)
         patch_embed = self.add_words(pixel_embed, patch_embed)
         return pixel_embed, self.forward_outer(patch_embed)

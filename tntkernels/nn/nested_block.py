@@ -39,7 +39,7 @@ class NestedTNTBlock(TNTBlock):
 
     def forward(self, pixel_embed: torch.Tensor, patch_embed: torch.Tensor,
                 inner_logits: torch.Tensor | None = None, outer_logits: torch.Tensor | None = None):
-        self.check_inputs(pixel_embed, patch_embed)
+        pixel_embed, patch_embed = self.check_inputs(pixel_embed, patch_embed)
         if self.nest_inner:
             a, inner_logits = self.attn_in(self.norm_in(pixel_embed), inner_logits)
             pixel_embed = pixel_embed + self.drop_path(a)
