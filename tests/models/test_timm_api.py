@@ -391,6 +391,13 @@ def test_every_model_builds_on_the_meta_device(name):
         t = timm.create_model(f"tntkernels_{name}", num_classes=3)
     assert all(p.is_meta for p in m.parameters()) and all(p.is_meta for p in t.parameters())
     assert t.num_classes == 3 and m.pretrained_cfg["architecture"] == name
+    # shape inference on meta (how FSDP users size a model before materialising it)
+    x = torch.empty(2, *m.input_size, device="meta")
+    assert m(x).shape == (2, m.num_classes) and m(x).is_meta
+    assert t(x).shape == (2, 3)
+    assert [f.shape for f in m.forward_intermediates(x, intermediates_only=True)] == \
+        [f.shape for f in create_model(name).forward_intermediates(torch.randn(2, *m.input_size),
+                                                                   intermediates_only=True)]
 
 
 # ---------------------------------------------------------------------------------------------

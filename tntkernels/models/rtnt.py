@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import torch
+import torch.fx
 import torch.nn as nn
 
 from ..nn import Attention, DropPath, Mlp, TNTBlock
 from ..nn.block import fused_inner_sublayer
 from .tnt import GLOBAL_POOLS, ClassifierHead, check_image, drop_path_rates, feature_info, init_weights
+
+torch.fx.wrap("check_image")  # torch.fx patches the name in the calling module's globals: this one's too
 
 
 class TokenMerge(nn.Module):
@@ -247,9 +250,9 @@ class RTNT(ClassifierHead, nn.Module):
 
     def _initial_state(self, x: torch.Tensor) -> tuple:
         """Images → (letters (B·N·M, L, c_l) or None, words (B·N, M, c_w), sentences (B, N + 1, d))."""
-        check_image("RTNT", x, self.input_size)
+        x = check_image("RTNT", x, self.input_size)
         B = x.shape[0]
         letters, words = self._embed(x)
-        sentences = self.word_to_sentence(words.reshape(B, self.num_patches, *words.shape[1:]))  # (B, N, d)
+        sentences = self.word_to_sentence(words.reshape(B, self.num_patches, words.shape[1], words.shape[2]))  # (B, N, d)
         sentences = torch.cat([self.cls_token.expand(B, -1, -1), sentences], dim=1)  # (B, N+1, d)
         return letters, words, self.pos_drop(sentences + self.sentence_pos)

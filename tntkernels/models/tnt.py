@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.utils.checkpoint
 
@@ -24,12 +25,17 @@ def _pair(x: int | tuple[int, int]) -> tuple[int, int]:
     return (int(h), int(w))
 
 
-def check_image(model: str, x: torch.Tensor, input_size: tuple[int, int, int]) -> None:
-    """Raise ValueError unless x is (B, C, H, W) with (C, H, W) == input_size."""
+@torch.fx.wrap
+def check_image(model: str, x: torch.Tensor, input_size: tuple[int, int, int]) -> torch.Tensor:
+    """Raise ValueError unless x is (B, C, H, W) with (C, H, W) == input_size; returns x.
+
+    One graph call under torch.fx (`torch.fx.wrap`; a module calling it must wrap its own name too):
+    a Proxy has no shape, so the check runs when the traced module runs, on its real input."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != tuple(input_size):
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{model}: expected images of shape (B, C, H, W) with (C, H, W) = {tuple(input_size)}, "
                          f"got {got}")
+    return x
 
 
 def init_weights(module: nn.Module) -> None:
@@ -361,7 +367,7 @@ class TNT(ClassifierHead, nn.Module):
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images → (words (B·N, m, c), sentences (B, N + 1, d)) before the first block."""
-        check_image(type(self).__name__, x, self.input_size)
+        x = check_image(type(self).__name__, x, self.input_size)
         B = x.shape[0]
         words = self.pixel_embed(x, self.pixel_pos)  # (B·N, m, c)
         sentences = self.norm2_proj(self.proj(self.norm1_proj(words.reshape(B, self.num_patches, words.shape[1] * words.shape[2]))))  # (B, N, d)
