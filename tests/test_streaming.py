@@ -20,12 +20,11 @@ pytest.importorskip("sklearn")
 PIL = pytest.importorskip("PIL.Image")
 import torch  # noqa: E402
 
-from tntkernels import train  # noqa: E402
+from helpers.train_runs import assert_one_error_line, metrics, run, without_timing  # noqa: E402
 from tntkernels.data import DataError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("china_top", "china_bottom", "flower_top", "flower_bottom")
-TIMING = ("img_per_s", "peak_mem_mb", "seconds")  # measured, not computed: they differ between runs
 
 
 def write_photo_folder(root: Path, n_train: int, n_test: int, size: int = 32, seed: int = 0) -> Path:
@@ -51,27 +50,10 @@ def photos(tmp_path_factory) -> Path:
     return write_photo_folder(tmp_path_factory.mktemp("photos"), n_train=40, n_test=12)
 
 
-def run(argv, capsys):
-    rc = train.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def metrics(out_dir) -> list[dict]:
-    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
 def weights(out_dir) -> dict:
     return torch.load(Path(out_dir) / "checkpoint.pt", map_location="cpu", weights_only=True)["model_state"]
 
 
-def assert_one_error_line(rc, err, *fragments):
-    assert rc == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("tntkernels-train: error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,8 +171,8 @@ def test_resume_is_exact_with_any_workers(photos, tmp_path, capsys):
     assert rc == 0 and "resuming" in out, err
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "split")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    strip = lambda ms: [{k: v for k, v in m.items() if k not in TIMING} for m in ms]  # noqa: E731
-    assert strip(metrics(tmp_path / "straight")) == strip(metrics(tmp_path / "split"))
+    assert [without_timing(m) for m in metrics(tmp_path / "straight")] == \
+        [without_timing(m) for m in metrics(tmp_path / "split")]
 
 
 @pytest.mark.parametrize("workers", [0, 1])

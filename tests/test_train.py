@@ -2,7 +2,6 @@
 real entry point through subprocesses, and one slow test of the default command end to end."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -18,25 +17,11 @@ pytest.importorskip("tqdm")
 import torch  # noqa: E402
 
 from tntkernels import train
+from helpers.train_runs import assert_one_error_line, metrics, run, without_timing
 
 ROOT = Path(__file__).resolve().parents[1]
 # 32 train images in batches of 16: 2 steps per epoch; 16 test images.
 TINY = ["--limit-train", "32", "--limit-test", "16", "--batch-size", "16", "--epochs", "2"]
-TIMING = ("img_per_s", "peak_mem_mb", "seconds")
-
-
-def run(argv, capsys):
-    rc = train.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def metrics(out_dir) -> list[dict]:
-    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def without_timing(m: dict) -> dict:
-    return {k: v for k, v in m.items() if k not in TIMING}
 
 
 def load(out_dir) -> dict:
@@ -47,15 +32,6 @@ def assert_same_weights(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-
-
-def assert_one_error_line(rc, err, *fragments):
-    assert rc == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("tntkernels-train: error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
