@@ -236,3 +236,26 @@ def test_resident_memory_does_not_grow_with_the_number_of_images(tmp_path):
     print(f"peak RSS: {peak[small]:.1f} MiB at {small} images, {peak[large]:.1f} MiB at {large}; "
           f"in-memory loading would add {in_memory_growth_mb:.1f} MiB")
     assert peak[large] - peak[small] < 0.25 * in_memory_growth_mb, peak
+
+
+def test_fine_tune_from_a_weights_file_on_a_folder(photos, tmp_path, capsys):
+    """--pretrained FILE on a streamed folder: every tensor but the classifier comes from the file (10
+    classes there, 4 in the folder: timm re-initialises the head), and the run checkpoints."""
+    from tntkernels.models import create_model
+
+    # shifted weights: a run that ignored the file (its own seeded init) cannot match them
+    src = {k: v + 0.25 for k, v in create_model("tnt_t_patch8_32", in_chans=3).state_dict().items()}  # 10 classes
+    path = tmp_path / "w.pth"
+    torch.save(src, path)
+    argv = ["--model", "tnt_t_patch8_32", "--pretrained", path, "--dataset", "imagefolder", "--data-dir", photos,
+            "--img-size", "32", "--batch-size", "8", "--epochs", "1", "--limit-train", "8", "--limit-test", "4",
+            "--lr", "1e-30", "--weight-decay", "0", "--aa", "none", "--mixup", "0", "--cutmix", "0", "--reprob", "0",
+            "--out", tmp_path / "run"]
+    rc, out, err = run(argv, capsys)
+    assert rc == 0, err
+    state = weights(tmp_path / "run")
+    heads = {k for k in src if k.startswith("head.")}
+    assert heads and all(state[k].shape[0] == 4 for k in heads if k.endswith("weight"))
+    for k, v in src.items():  # one step at lr 1e-30 moves a weight by about 1e-30
+        if k not in heads:
+            torch.testing.assert_close(state[k], v, rtol=0, atol=1e-20, msg=k)
