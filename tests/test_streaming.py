@@ -259,3 +259,26 @@ def test_fine_tune_from_a_weights_file_on_a_folder(photos, tmp_path, capsys):
     for k, v in src.items():  # one step at lr 1e-30 moves a weight by about 1e-30
         if k not in heads:
             torch.testing.assert_close(state[k], v, rtol=0, atol=1e-20, msg=k)
+
+
+@pytest.mark.parametrize("spelling", [".", "./"])
+def test_folder_given_as_the_working_directory(photos, monkeypatch, spelling):
+    """--data-dir . (or ./): the file list is relative to the root however the root is spelt."""
+    from tntkernels.streaming import open_imagefolder
+
+    monkeypatch.chdir(photos)
+    train_ds, test_ds, info = open_imagefolder(spelling)
+    assert len(train_ds) == 40 and len(test_ds) == 12
+    for i in (0, len(train_ds) - 1):
+        img, label = train_ds[i]  # decodes the file: a wrong relative path raises DataError
+        assert 0 <= int(label) < len(CLASSES)
+
+
+def test_pretrained_given_a_training_checkpoint_says_so_in_one_line(photos, tmp_path, capsys):
+    argv = ["--model", "tnt_t_patch8_32", "--dataset", "imagefolder", "--data-dir", photos, "--img-size", "32",
+            "--batch-size", "8", "--epochs", "1", "--limit-train", "8", "--limit-test", "4", "--aa", "none",
+            "--mixup", "0", "--cutmix", "0", "--reprob", "0"]
+    rc, out, err = run(argv + ["--out", tmp_path / "a"], capsys)
+    assert rc == 0, err
+    rc, out, err = run(argv + ["--pretrained", tmp_path / "a" / "checkpoint.pt", "--out", tmp_path / "b"], capsys)
+    assert_one_error_line(rc, err, "is a tntkernels-train checkpoint", "--resume")

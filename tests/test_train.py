@@ -438,3 +438,16 @@ def test_default_workers():
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert train._default_workers("imagefolder", local_world=1) == min(8, cores)
     assert train._default_workers("imagefolder", local_world=10 ** 6) == 0
+
+
+def test_soft_target_loss_is_timms_times_the_batch_and_0_when_empty():
+    """The mixup loss: timm's SoftTargetCrossEntropy (a mean) × B, and 0 (not NaN) for an empty batch,
+    which a process's share of the last batch can be under DDP."""
+    timm_loss = pytest.importorskip("timm.loss")
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 5, generator=g)
+    target = torch.softmax(torch.randn(6, 5, generator=g), -1)
+    torch.testing.assert_close(train.soft_target_cross_entropy_sum(logits, target),
+                               timm_loss.SoftTargetCrossEntropy()(logits, target) * 6)
+    empty = train.soft_target_cross_entropy_sum(torch.zeros(0, 5), torch.zeros(0, 5))
+    assert empty.item() == 0.0

@@ -17,8 +17,8 @@ sees the whole image resized, so evaluation does too (crop_pct 1).
 Determinism: a training item is (index, step_seed, position); `__getitem__` seeds Python's, numpy's
 and torch's RNGs from (step_seed, position) before the transform, so an image's augmentation depends
 only on (seed, epoch, step, position in the batch): not on the number of workers, on which worker
-decodes it, or on whether the run was resumed. In the main process (--workers 0) the RNG states are
-restored afterwards.
+decodes it, or on whether the run was resumed. In the main process (--workers 0) the CPU RNG states
+(Python's, numpy's, torch's) are restored afterwards.
 
 Unreadable images raise `DataError` naming the file. timm's `ImageDataset.__getitem__` would log a
 warning and silently substitute the next image, which changes the data without telling anyone, so
@@ -53,8 +53,9 @@ class FileListReader(Reader):
     def __init__(self, root: Path, files: list[tuple[str, int]]):
         super().__init__()
         self.root = Path(root)
-        prefix = len(os.path.join(str(self.root), ""))  # the paths are os.path.join(root, class, name)
-        rel = [os.fsencode(p[prefix:]) for p, _ in files]
+        # the paths are os.path.join(root, class, name); a root of "." or "./" may have been normalised away
+        head = os.path.join(str(self.root), "")
+        rel = [os.fsencode(p[len(head):] if p.startswith(head) else os.path.relpath(p, self.root)) for p, _ in files]
         self.paths = np.array(rel, dtype=np.bytes_) if rel else np.zeros(0, dtype="S1")
         self.labels = np.array([label for _, label in files], dtype=np.int64)
 

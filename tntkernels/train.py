@@ -33,8 +33,8 @@ in whichever worker decodes it), so a run interrupted anywhere (even mid-epoch) 
 Options a timm user expects: --amp bf16|fp16 (torch.autocast on the run's device; fp16 adds a
 GradScaler, checkpointed), --compile (torch.compile of the training net; evaluation and checkpoints
 use the plain module), --model-ema [--model-ema-decay D] (timm's ModelEmaV3, checkpointed; each epoch
-also reports ema_test_acc), --clip-grad NORM (global gradient norm). They are part of the recipe: a
-resumed run keeps them unless given again. Each epoch's metrics include img_per_s and peak_mem_mb
+also reports ema_test_acc), --clip-grad NORM (global gradient norm). All but --compile are part of
+the recipe: a resumed run keeps them unless given again (--compile must be given again). Each epoch's metrics include img_per_s and peak_mem_mb
 (CUDA: max allocated; CPU: peak resident set), both over the epoch's training steps.
 
 --save-every K also checkpoints every K steps within an epoch (a kill -9 then loses at most K steps);
@@ -339,13 +339,19 @@ def _run(args: argparse.Namespace, group: ProcessGroup) -> int:
         recipe["hflip"] = args.dataset == "cifar10" or (streaming and deit)
 
     _seed_everything(recipe["seed"])
+    # a resumed run takes its weights from the checkpoint: --pretrained would only fetch weights to overwrite
+    pretrained = args.pretrained is not None and ckpt is None
     try:
         model = models.create_model(args.model, num_classes=info["num_classes"], in_chans=info["in_chans"],
                                     img_size=recipe["img_size"], drop_path_rate=recipe["drop_path"],
-                                    global_pool=recipe["global_pool"], backend=args.backend,
-                                    pretrained=args.pretrained is not None,
-                                    pretrained_cfg_overlay=dict(file=args.pretrained) if args.pretrained else None)
+                                    global_pool=recipe["global_pool"], backend=args.backend, pretrained=pretrained,
+                                    pretrained_cfg_overlay=dict(file=args.pretrained) if pretrained and args.pretrained
+                                    else None)
     except (ValueError, ImportError, models.PretrainedError) as exc:
+        if pretrained and args.pretrained and _is_train_checkpoint(args.pretrained):
+            raise UsageError(f"--pretrained {args.pretrained} is a tntkernels-train checkpoint, not a weights file; "
+                             "expected --resume to continue that run, or a state_dict file (e.g. torch.save(torch.load"
+                             "(CKPT)['model_state'], 'weights.pth'))") from None
         raise UsageError(f"cannot build {args.model} for {args.dataset} ({info['in_chans']}×{recipe['img_size']}²,"
                          f" {info['num_classes']} classes): {_one_line(exc)}") from None
     if streaming:  # timm's transforms for this model's pretrained_cfg (input size, mean, std, interpolation, crop)
@@ -470,15 +476,15 @@ class _Run:
         if recipe["mixup"] > 0 or recipe["cutmix"] > 0:
             try:
                 from timm.data import Mixup
-                from timm.loss import SoftTargetCrossEntropy
             except ImportError:
                 raise UsageError("--mixup / --cutmix use timm's Mixup; expected timm to be installed (pip install "
                                  "timm), or --mixup 0 --cutmix 0") from None
-            # timm's Mixup makes the (label-smoothed) soft targets; its loss is a mean, ours a sum
+            # timm's Mixup makes the (label-smoothed) soft targets. The loss is timm's SoftTargetCrossEntropy
+            # as a sum over the batch, not its mean: under DDP a rank's share of the last batch can be empty
+            # (a mean over nothing is NaN, which the all-reduced loss would spread)
             self.mixup = Mixup(mixup_alpha=recipe["mixup"], cutmix_alpha=recipe["cutmix"],
                                label_smoothing=recipe["label_smoothing"], num_classes=info["num_classes"])
-            soft = SoftTargetCrossEntropy()
-            self.criterion = lambda logits, target: soft(logits, target) * logits.shape[0]
+            self.criterion = soft_target_cross_entropy_sum
         self.streaming = args.dataset == "imagefolder"
         self._train_loader = self._test_loader = None
         self.step_log = None
@@ -661,8 +667,9 @@ class _Run:
         return x, y
 
     def _mix(self, x, y):
-        """timm's Mixup in batch mode pairs example i with B-1-i and needs an even batch: an odd last
-        example (the epoch's last batch) keeps its image, with the same smoothed one-hot target."""
+        """timm's Mixup in batch mode pairs example i with B-1-i and needs an even batch: when this
+        process's batch is odd (an odd per-process batch size, or the epoch's last batch), its last
+        example keeps its image, with the same smoothed one-hot target."""
         even = x.shape[0] - x.shape[0] % 2
         if even == x.shape[0]:
             return self.mixup(x, y) if even else (x, self._soft(y))
@@ -1206,6 +1213,21 @@ def _device(name: str, group: ProcessGroup) -> torch.device:
         raise UsageError(f"local rank {group.local_rank} needs its own GPU but torch sees "
                          f"{torch.cuda.device_count()}; expected --nproc_per_node ≤ the number of GPUs")
     return torch.device("cuda", group.local_rank)
+
+
+def _is_train_checkpoint(path: str) -> bool:
+    """Whether the file at `path` is one that tntkernels-train wrote (a dict holding model_state)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # unreadable: the caller reports timm's error
+        return False
+    return isinstance(ckpt, dict) and "model_state" in ckpt
+
+
+def soft_target_cross_entropy_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Σ_batch Σ_class −target · log_softmax(logits): timm's SoftTargetCrossEntropy times the batch size,
+    and 0 for an empty batch. logits, target (B, K); float32 result."""
+    return -(target * F.log_softmax(logits.float(), dim=-1)).sum()
 
 
 def _default_img_size(models, name: str) -> int:

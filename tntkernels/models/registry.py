@@ -98,7 +98,8 @@ def default_pretrained_cfg(name: str) -> dict:
         first_conv = "letter_embed" if cfg.get("letters", True) else "word_embed"
     out = dict(url="", hf_hub_id=None, architecture=name, tag=None, custom_load=False, input_size=(C, size, size),
                fixed_input_size=True, interpolation="bicubic", crop_pct=1.0, crop_mode="center",
-               # tntkernels-train normalizes with each data set's own statistics; (0.5, 0.5) is nominal
+               # tntkernels-train normalizes the in-memory data sets with their own statistics; streamed
+               # image folders (timm's transforms) use these
                mean=(0.5,) * C, std=(0.5,) * C, num_classes=cfg.get("num_classes", 1000), pool_size=None,
                first_conv=first_conv, classifier="head", license="apache-2.0")
     if name in TIMM_WEIGHTS:  # timm not installed: the same weights' cfg, as timm 1.0 declares it
