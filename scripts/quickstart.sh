@@ -58,6 +58,7 @@ if [ ! -f "$stamp" ] || ! python -c "import tntkernels._C" 2>/dev/null; then
        END { if (total) printf \"  ptxas (sm_90): %d kernels, %d non-float64 with a stack frame (build log: ptxas info)\\n\", total, n }" \
     "$VENV/build.log" || true
   rm -f "$VENV"/.tntkernels-build-*; touch "$stamp"
+  echo "== built tntkernels._C; set-up took $SECONDS s"
 fi
 python -m tntkernels
 
@@ -77,6 +78,9 @@ case "$mode" in
           *) echo "TNTKERNELS_SESSIONS: unknown session '$s'; expected slow, interpreter, aot or main" >&2; exit 2;;
         esac
       done
+      # One intra-op thread per session: the sessions (and CI's second stack) already keep both cores
+      # busy, and OpenMP teams of 2 in each of them spin-wait for a core the others hold.
+      export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
       logs="$(mktemp -d)"; pids=(); names=()
       start() {  # start NAME CMD...: run CMD in the background, its output in $logs/NAME.log
         local name="$1"; shift

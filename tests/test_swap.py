@@ -174,12 +174,15 @@ def test_errors():
 
 @pytest.mark.interpreter
 @pytest.mark.slow
-def test_tnt_s_triton_under_interpreter(tnt_s):
+def test_tnt_s_triton_under_interpreter():
     """swap_in(TNT-S, backend="triton") on one 224² image: the inner sub-blocks on the fused Triton
-    kernel, the outer attentions (197 tokens) on SDPA; logits and gradients equal timm's."""
-    ref = tnt_s
+    kernel, the outer attentions (197 tokens) on SDPA; logits and gradients equal timm's. TNT-S's
+    widths, shapes and cfg with 3 of its 12 blocks: the interpreter runs every block the same way, at
+    ~12 s a block on 2 idle cores."""
+    torch.manual_seed(0)
+    ref = timm.create_model("tnt_s_patch16_224", pretrained=False, depth=3).eval()
     model, report = swap_in(copy.deepcopy(ref), backend="triton")
-    assert "197 tokens" in str(report)
+    assert report.num_blocks == 3 and "197 tokens" in str(report)
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(2))
     want, got = ref(x), model(x)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
