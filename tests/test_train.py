@@ -324,9 +324,11 @@ def test_default_command_reaches_93_percent_on_digits(tmp_path):
 
 @pytest.mark.slow
 def test_nested_tnt_reaches_90_percent_on_digits(tmp_path):
-    """Nested-TNT (both levels nested, CODA form) trains with the same command: ≥ 90% on digits."""
+    """Nested-TNT (both levels nested, CODA form) trains with the same command: ≥ 90% on digits. 16
+    epochs instead of the default 20, for CI's time (measured: 95.3% after 16, as after 20)."""
     proc = subprocess.run([sys.executable, "-m", "tntkernels.train", "--model", "nested_tnt_t_patch8_32",
-                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+                           "--epochs", "16", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=1200)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = proc.stdout.strip().splitlines()[-1]
     match = re.search(r"^final: .*dataset=digits .*test_acc=([0-9.]+) ", summary)
@@ -427,7 +429,7 @@ def test_compile_keeps_plain_state_dict_keys(tmp_path, capsys, monkeypatch):
 def test_model_ema_without_timm_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "timm.utils", None)  # `from timm.utils import ...` raises ImportError
     rc, _, err = run(["--model-ema", "--out", tmp_path], capsys)
-    assert_one_error_line(rc, err, "--model-ema", "pip install timm")
+    assert_one_error_line(rc, err, "--model-ema", "pip install 'timm>=1.0'")
 
 
 def test_amp_unsupported_on_the_device_is_one_line(tmp_path, capsys, monkeypatch):

@@ -42,7 +42,7 @@ try:
     from timm.data.readers.reader import Reader
 except ImportError:  # pragma: no cover - timm is a test dependency
     raise DataError("--dataset imagefolder streams images through timm's data pipeline; expected timm to be "
-                    "installed (pip install timm)") from None
+                    "installed (pip install 'timm>=1.0', or tntkernels[timm])") from None
 
 MODE_SAMPLE = 256  # headers read to decide colour or gray (a full scan of ImageNet's would take minutes)
 

@@ -34,8 +34,9 @@ Options a timm user expects: --amp bf16|fp16 (torch.autocast on the run's device
 GradScaler, checkpointed), --compile (torch.compile of the training net; evaluation and checkpoints
 use the plain module), --model-ema [--model-ema-decay D] (timm's ModelEmaV3, checkpointed; each epoch
 also reports ema_test_acc), --clip-grad NORM (global gradient norm). All but --compile are part of
-the recipe: a resumed run keeps them unless given again (--compile must be given again). Each epoch's metrics include img_per_s and peak_mem_mb
-(CUDA: max allocated; CPU: peak resident set), both over the epoch's training steps.
+the recipe: a resumed run keeps them unless given again (--compile must be given again). Each
+epoch's metrics include img_per_s and peak_mem_mb (CUDA: max allocated; CPU: peak resident set),
+both over the epoch's training steps.
 
 --save-every K also checkpoints every K steps within an epoch (a kill -9 then loses at most K steps);
 --log-every K appends {global_step, epoch, step, loss, lr, rss_mb} to DIR/steps.jsonl every K steps
@@ -478,7 +479,7 @@ class _Run:
                 from timm.data import Mixup
             except ImportError:
                 raise UsageError("--mixup / --cutmix use timm's Mixup; expected timm to be installed (pip install "
-                                 "timm), or --mixup 0 --cutmix 0") from None
+                                 "'timm>=1.0'), or --mixup 0 --cutmix 0") from None
             # timm's Mixup makes the (label-smoothed) soft targets. The loss is timm's SoftTargetCrossEntropy
             # as a sum over the batch, not its mean: under DDP a rank's share of the last batch can be empty
             # (a mean over nothing is NaN, which the all-reduced loss would spread)
@@ -1089,7 +1090,7 @@ def _model_ema_class():
         from timm.utils import ModelEmaV3
     except ImportError as exc:
         raise UsageError(f"--model-ema uses timm's ModelEmaV3, but timm cannot be imported ({_one_line(exc)}); "
-                         "expected `pip install timm`") from None
+                         "expected `pip install 'timm>=1.0'`") from None
     return ModelEmaV3
 
 

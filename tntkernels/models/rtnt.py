@@ -102,7 +102,7 @@ class RTNTBlock(nn.Module):
         if self.letter is not None:
             letters = self.letter(letters)  # (B·N·M, L, c_l)
             BN, M, _ = words.shape
-            words = words + self.letter_to_word(letters.reshape(BN, M, *letters.shape[1:]))  # (B·N, M, c_w)
+            words = words + self.letter_to_word(letters.unflatten(0, (BN, M)))  # (B·N, M, c_w)
         words, sentences = self.tnt(words, sentences)
         return letters, words, sentences
 

@@ -5,7 +5,8 @@ torchvision's `create_feature_extractor` with timm's tracer arguments) keeps the
 with `timm.layers.register_notrace_module` as single graph calls instead of tracing into them. Ours
 choose a kernel from the input's shape, dtype and device, which a tracing Proxy does not have, so
 timm should call them whole. Plain `torch.fx.symbolic_trace` works without this: it traces into them,
-and their input checks and kernel routing are `torch.fx.wrap`ped graph calls (attention.py, block.py).
+and their input checks and kernel routing are `torch.fx.wrap`ped graph calls (attention.py, block.py,
+nested_attention.py; the models' image check, models/tnt.py).
 """
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .. import _backend
 from ..ops import registry
@@ -29,6 +30,35 @@ def nested_route(backend: str | None, q: torch.Tensor, v: torch.Tensor, has_mlp:
     if backend != "triton" and registry.why_not("nested_attention", "triton", device, q, v, has_mlp) is None:
         return "triton"
     return "reference"
+
+
+@torch.fx.wrap
+def nested_attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prev_logits: torch.Tensor | None,
+                          head_mlp: tuple[torch.Tensor, ...] | None, scale: float, backend: str | None, *,
+                          noise: bool, attn_drop: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`NestedAttention`'s attention on q, k (B, H, N, d), v (B, H, N, dv): (out (B, H, N, dv), logits).
+
+    prev_logits (B, H, N, N) or None and the head-MLP tensors are cast to q's dtype; noise=True adds
+    ε ~ N(0, 1) drawn here; attn_drop > 0 runs the reference with dropout on the probabilities; else
+    `nested_attention` with the backend `nested_route` picks. One graph call under torch.fx
+    (`torch.fx.wrap`): the checks and the route need real shapes, dtypes and devices, which a Proxy
+    does not have, so they run when the traced module runs.
+    Raises TypeError / ValueError when prev_logits is not a (B, H, N, N) tensor."""
+    B, H, N, _ = q.shape
+    if prev_logits is not None:
+        check_is_tensor("NestedAttention", prev_logits=prev_logits)
+        if tuple(prev_logits.shape) != (B, H, N, N):
+            raise ValueError(f"NestedAttention: prev_logits must be (B, H, N, N) = {(B, H, N, N)}, "
+                             f"got {tuple(prev_logits.shape)}")
+        prev_logits = prev_logits.to(q.dtype)
+    if head_mlp is not None:
+        head_mlp = tuple(t.to(q.dtype) for t in head_mlp)
+    eps = torch.randn(B, H, N, N, device=q.device, dtype=q.dtype) if noise else None
+    if attn_drop > 0:
+        _, logits = nested_attention_ref(q, k, v, prev_logits, head_mlp, eps, scale)
+        return F.dropout(logits.softmax(dim=-1), attn_drop, training=True) @ v, logits
+    route = nested_route(backend, q, v, prev_logits is not None and head_mlp is not None)
+    return nested_attention(q, k, v, prev_logits, head_mlp=head_mlp, noise=eps, scale=scale, backend=route)
 
 
 class HeadMlp(nn.Module):
@@ -92,25 +122,9 @@ class NestedAttention(Attention):
         self.head_mlp = HeadMlp(self.num_heads, **dd) if self._with_head_mlp else None
 
     def forward(self, x: torch.Tensor, prev_logits: torch.Tensor | None = None):
-        if prev_logits is not None:
-            check_is_tensor("NestedAttention", prev_logits=prev_logits)
         q, k, v = self._heads(x)
-        B, H, N, _ = q.shape
-        if prev_logits is not None and tuple(prev_logits.shape) != (B, H, N, N):
-            raise ValueError(f"NestedAttention: prev_logits must be (B, H, N, N) = {(B, H, N, N)}, "
-                             f"got {tuple(prev_logits.shape)}")
-        if prev_logits is not None:
-            prev_logits = prev_logits.to(q.dtype)
-        head_mlp = None
-        if self.head_mlp is not None:
-            head_mlp = tuple(t.to(q.dtype) for t in self.head_mlp.tensors())
-        noise = None
-        if self.training and self.noise:
-            noise = torch.randn(B, H, N, N, device=x.device, dtype=q.dtype)
-        if self.training and self.attn_drop.p > 0:
-            _, logits = nested_attention_ref(q, k, v, prev_logits, head_mlp, noise, self.scale)
-            out = self.attn_drop(logits.softmax(dim=-1)) @ v
-        else:
-            out, logits = nested_attention(q, k, v, prev_logits, head_mlp=head_mlp, noise=noise, scale=self.scale,
-                                           backend=nested_route(self.backend, q, v, prev_logits is not None and head_mlp is not None))
+        head_mlp = self.head_mlp.tensors() if self.head_mlp is not None else None
+        out, logits = nested_attention_core(q, k, v, prev_logits, head_mlp, self.scale, self.backend,
+                                            noise=self.training and self.noise,
+                                            attn_drop=self.attn_drop.p if self.training else 0.0)
         return self._merge_heads(out), logits
