@@ -11,6 +11,8 @@ Markers (declared in pyproject.toml):
     aot          compiles Triton kernels ahead of time for sm_80 / sm_90 (needs triton, not the
                  interpreter); `pytest -m aot` selects exactly these
     slow         minutes-long end-to-end runs (run by CI; deselect with -m 'not slow')
+    integration  runs in subprocesses (torchrun, the training CLI, our scripts): CI runs them on the
+                 GPU machine's stack only (TNTKERNELS_SKIP_MARKERS on the other)
 """
 import os
 import sys
@@ -39,7 +41,7 @@ def _skip_reasons() -> dict[str, str | None]:
     }
 
 
-# TNTKERNELS_SKIP_MARKERS="aot,slow": skip those markers in this run (CI's second stack; .ci/run)
+# TNTKERNELS_SKIP_MARKERS="aot,integration": skip those markers in this run (CI's stacks; .ci/run)
 SKIPPED_BY_ENV = {m.strip() for m in os.environ.get("TNTKERNELS_SKIP_MARKERS", "").split(",") if m.strip()}
 
 

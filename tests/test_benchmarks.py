@@ -21,6 +21,8 @@ if BENCH_DIR not in sys.path:
     sys.path.insert(0, BENCH_DIR)
 import harness  # noqa: E402  (benchmarks/harness.py)
 
+pytestmark = pytest.mark.integration  # subprocesses; CI: the GPU machine's stack (.ci/run)
+
 SCRIPTS = ("bench_inner_attention", "bench_nested_attention", "bench_hsim_split", "bench_train")
 
 

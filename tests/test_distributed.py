@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.integration  # subprocesses; CI: the GPU machine's stack (.ci/run)
+
 ROOT = Path(__file__).resolve().parents[1]
 # 65 training examples in global batches of 16: 5 steps per epoch, the last holding 1 example, so with
 # 2 processes rank 1's share of it is empty. No drop-path: its masks are drawn per process.

@@ -11,6 +11,8 @@ import pytest
 
 from tntkernels import _backend
 
+pytestmark = pytest.mark.integration  # subprocesses; CI: the GPU machine's stack (.ci/run)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SANITIZE = os.path.join(ROOT, "scripts", "sanitize.py")
 

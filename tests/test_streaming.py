@@ -239,6 +239,7 @@ def _linked_copy(folder: Path, root: Path, n_train: int) -> Path:
     return root
 
 
+@pytest.mark.integration
 def test_resident_memory_does_not_grow_with_the_number_of_images(tmp_path):
     # 1,000 real photo crops, and 20,000 hard links cycling over them: what load_dataset (everything in
     # memory, float32 3×32×32) would add for the extra 19,000 images (≈ 223 MiB) dwarfs the run-to-run

@@ -168,6 +168,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, capsys, monkey
     assert [without_timing(m) for m in metrics(straight)] == [without_timing(m) for m in metrics(tmp_path)]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_to_a_real_process_saves_and_exits_130(tmp_path, sig):
     cmd = [sys.executable, "-m", "tntkernels.train", "--limit-train", "64", "--limit-test", "16",
@@ -275,6 +276,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch
     assert rc == 0, err
 
 
+@pytest.mark.integration
 def test_write_failing_part_way_in_a_real_process_keeps_the_previous_checkpoint(tmp_path, capsys):
     """The OS refuses the write part-way (RLIMIT_FSIZE below the checkpoint's size: EFBIG, as a full
     disk gives ENOSPC) in a real process: exit 1, one line, the good checkpoint untouched."""
@@ -304,6 +306,7 @@ def test_write_failing_part_way_in_a_real_process_keeps_the_previous_checkpoint(
 # The real entry point.
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_module_entry_point_reports_errors_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "tntkernels.train", "--model", "nope", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
